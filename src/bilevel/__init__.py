@@ -1,0 +1,39 @@
+"""bilevel: hypergradients and bilevel optimisation in PyTorch."""
+
+from bilevel import linear_solve
+from bilevel.implicit import HypergradInfo, hypergrad
+from bilevel.linear_solve import (
+    CG,
+    GMRES,
+    MINRES,
+    Dense,
+    FixedPoint,
+    Neumann,
+    NormalCG,
+    NotContractionError,
+    SolveInfo,
+    SolverError,
+    solve,
+)
+from bilevel.unroll import forward_hypergrad, unroll
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "hypergrad",
+    "HypergradInfo",
+    "unroll",
+    "forward_hypergrad",
+    "linear_solve",
+    "solve",
+    "SolveInfo",
+    "FixedPoint",
+    "Neumann",
+    "CG",
+    "MINRES",
+    "GMRES",
+    "NormalCG",
+    "Dense",
+    "SolverError",
+    "NotContractionError",
+]

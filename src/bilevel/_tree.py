@@ -1,0 +1,92 @@
+"""Arithmetic on pytrees of tensors.
+
+The solvers work on *flat lists of leaves* (what ``tree_flatten`` returns) so that one
+``torch._foreach_*`` call updates every leaf at once; the public functions flatten at the
+boundary and unflatten the result.  Nothing here syncs with the host.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+
+__all__ = [
+    "tree_flatten",
+    "tree_unflatten",
+    "tree_map",
+    "add",
+    "sub",
+    "axpy",
+    "scale",
+    "vdot",
+    "norm",
+    "zeros_like",
+    "describe",
+]
+
+Leaves = list[torch.Tensor]
+
+
+def add(x: Sequence[torch.Tensor], y: Sequence[torch.Tensor]) -> Leaves:
+    """x + y, leaf by leaf."""
+    return list(torch._foreach_add(list(x), list(y)))
+
+
+def sub(x: Sequence[torch.Tensor], y: Sequence[torch.Tensor]) -> Leaves:
+    """x - y, leaf by leaf."""
+    return list(torch._foreach_sub(list(x), list(y)))
+
+
+def axpy(a: torch.Tensor | float, x: Sequence[torch.Tensor], y: Sequence[torch.Tensor]) -> Leaves:
+    """a * x + y, with ``a`` a scalar (a 0-d tensor stays on the device: no host sync)."""
+    if isinstance(a, torch.Tensor):
+        return [yi + a * xi for xi, yi in zip(x, y)]
+    return list(torch._foreach_add(list(y), list(x), alpha=a))
+
+
+def scale(a: torch.Tensor | float, x: Sequence[torch.Tensor]) -> Leaves:
+    """a * x."""
+    if isinstance(a, torch.Tensor):
+        return [a * xi for xi in x]
+    return list(torch._foreach_mul(list(x), a))
+
+
+def vdot(x: Sequence[torch.Tensor], y: Sequence[torch.Tensor]) -> torch.Tensor:
+    """<x, y> summed over all leaves, a 0-d tensor."""
+    if len(x) == 1:
+        return torch.sum(x[0] * y[0])
+    return sum(torch.sum(xi * yi) for xi, yi in zip(x, y))  # type: ignore[return-value]
+
+
+def norm(x: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Euclidean norm over all leaves, a 0-d tensor."""
+    if len(x) == 1:
+        return torch.linalg.vector_norm(x[0])
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(xi) for xi in x]))
+
+
+def zeros_like(x: Sequence[torch.Tensor]) -> Leaves:
+    return [torch.zeros_like(xi) for xi in x]
+
+
+def flat_fn(fn: Callable[[Any], Any], spec: Any) -> Callable[[Leaves], Leaves]:
+    """Wrap a pytree -> pytree function as a leaves -> leaves function."""
+
+    def wrapped(leaves: Leaves) -> Leaves:
+        return tree_flatten(fn(tree_unflatten(list(leaves), spec)))[0]
+
+    return wrapped
+
+
+def describe(tree: Any) -> str:
+    """Short human-readable structure of a pytree, for error messages."""
+    leaves, spec = tree_flatten(tree)
+    shapes = ", ".join(
+        f"{tuple(t.shape)}:{str(t.dtype).replace('torch.', '')}" if isinstance(t, torch.Tensor)
+        else type(t).__name__
+        for t in leaves
+    )
+    return f"{len(leaves)} leaves [{shapes}]"

@@ -1,0 +1,332 @@
+"""Approximate implicit differentiation (AID): the implicit function theorem, written once.
+
+Fixed-point form, ``w(λ) = Φ(w(λ), λ)`` with ``Φ`` a contraction in ``w``::
+
+    ∇F(λ) = ∇_λ f + (∂_λΦ)ᵀ v,      (I − ∂_wΦ)ᵀ v = ∇_w f
+
+Optimality form, ``∇_w g(w(λ), λ) = 0`` with ``H = ∇²_w g`` invertible::
+
+    ∇F(λ) = ∇_λ f − (∂²_{λw} g)ᵀ v,  H v = ∇_w f
+
+Both are "one vjp closure at the solution, a linear solve, one more vjp for the λ-part"
+(Grazzi, Franceschi, Pontil, Salzo, ICML 2020).  :func:`implicit_operator` builds the
+pieces; :func:`hypergrad` puts them together.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.func import grad, jvp, vjp
+
+from bilevel import _tree as T
+from bilevel.linear_solve import (
+    CG,
+    SYMMETRIC_SOLVERS,
+    NormalCG,
+    Solver,
+    _item,
+    check_finite,
+    check_solver,
+    solve_leaves,
+)
+
+__all__ = ["hypergrad", "HypergradInfo", "ImplicitOperator", "implicit_operator"]
+
+Leaves = list[torch.Tensor]
+
+
+@dataclass(frozen=True)
+class HypergradInfo:
+    """What :func:`hypergrad` did.
+
+    ``iterations``, ``residual`` (relative, ``‖b − A v‖/‖b‖``) and ``converged``: of the
+    linear solve.  ``inner_residual``: ``‖∇_w g(w, λ)‖`` (optimality form) or
+    ``‖Φ(w, λ) − w‖`` (fixed-point form) at the ``params`` given, i.e. how far they are
+    from the inner solution.  ``v``: the solution of the linear system, shaped like
+    ``params``; pass it as ``init=`` to warm-start the next call.
+    """
+
+    solver: str
+    iterations: int
+    residual: float | torch.Tensor
+    converged: bool | torch.Tensor
+    inner_residual: float | torch.Tensor
+    outer_loss: float | torch.Tensor
+    v: Any
+
+
+@dataclass(frozen=True)
+class ImplicitOperator:
+    """The linear system of the IFT at ``(w, λ)``, as closures built once.
+
+    ``matvec(v) = A v`` and ``rmatvec(u) = Aᵀ u`` on leaves of ``params``, where
+    ``A = H`` (optimality form) or ``A = (I − ∂_wΦ)ᵀ`` (fixed-point form);
+    ``cross(v)``: the λ-part, ``−(∂²_{λw} g)ᵀ v`` or ``(∂_λΦ)ᵀ v``, on leaves of ``hparams``.
+    """
+
+    matvec: Callable[[Leaves], Leaves]
+    rmatvec: Callable[[Leaves], Leaves]
+    cross: Callable[[Leaves], Leaves]
+    symmetric: bool
+    inner_residual: torch.Tensor
+
+
+def _leaves(tree: Any, name: str) -> tuple[Leaves, Any]:
+    leaves, spec = T.tree_flatten(tree)
+    if not leaves:
+        raise ValueError(f"{name} is empty: it should be a tensor or a pytree of tensors.")
+    for t in leaves:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(
+                f"{name} should be a tensor or a pytree (tuple/list/dict) of tensors; it "
+                f"holds a {type(t).__name__}. Convert it with torch.as_tensor(...)."
+            )
+        if not t.is_floating_point():
+            raise TypeError(
+                f"{name} should hold floating-point tensors, not {t.dtype}: "
+                f"use .to(torch.float64) (or float32)."
+            )
+    return leaves, spec
+
+
+def _check_input_finite(leaves: Leaves, name: str) -> None:
+    try:
+        ok = all(bool(torch.isfinite(t).all()) for t in leaves)
+    except RuntimeError:  # batched under vmap
+        return
+    if not ok:
+        raise ValueError(f"{name} contains NaN or Inf; the hypergradient would be meaningless.")
+
+
+def _scalar(value: Any, name: str) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor) or value.numel() != 1:
+        shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+        raise ValueError(
+            f"{name} should return a scalar tensor, got {shape}. Reduce it, e.g. with "
+            f".mean() or .sum()."
+        )
+    return value.reshape(())
+
+
+def _tree_fn(fn: Callable[..., Any], wspec: Any, lspec: Any) -> Callable[[Leaves, Leaves], Any]:
+    """fn(params, hparams) as a function of leaves."""
+    return lambda w, lam: fn(T.tree_unflatten(list(w), wspec), T.tree_unflatten(list(lam), lspec))
+
+
+def implicit_operator(
+    params: Leaves,
+    hparams: Leaves,
+    wspec: Any,
+    lspec: Any,
+    *,
+    inner_loss: Callable[[Any, Any], torch.Tensor] | None = None,
+    fixed_point: Callable[[Any, Any], Any] | None = None,
+) -> ImplicitOperator:
+    """Build the IFT linear operator at ``(params, hparams)`` (leaves), closures made once."""
+    w, lam = params, hparams
+    if (inner_loss is None) == (fixed_point is None):
+        raise ValueError(
+            "pass exactly one of inner_loss= (optimality form, ∇_w g = 0) or "
+            "fixed_point= (w = Φ(w, λ))."
+        )
+    if inner_loss is not None:
+        g = _tree_fn(inner_loss, wspec, lspec)
+
+        def scalar_g(wl: Leaves, ll: Leaves) -> torch.Tensor:
+            return _scalar(g(wl, ll), "inner_loss")
+
+        grad_w = grad(scalar_g)
+        gw, hvp = vjp(lambda wl: grad_w(wl, lam), w)
+        matvec = _first(hvp)
+
+        def cross(v: Leaves) -> Leaves:
+            _, mixed = vjp(lambda ll: grad_w(w, ll), lam)
+            return [-t for t in mixed(v)[0]]
+
+        return ImplicitOperator(matvec, matvec, cross, True, T.norm(gw))
+
+    phi = _tree_fn(fixed_point, wspec, lspec)  # type: ignore[arg-type]
+
+    def phi_leaves(wl: Leaves, ll: Leaves) -> Leaves:
+        out, ospec = T.tree_flatten(phi(wl, ll))
+        if ospec != wspec or any(
+            not isinstance(o, torch.Tensor) or o.shape != x.shape for o, x in zip(out, w)
+        ):
+            raise ValueError(
+                "fixed_point(params, hparams) should return a pytree with the structure and "
+                f"shapes of params ({T.describe(T.tree_unflatten(list(w), wspec))}), got "
+                f"{T.describe(T.tree_unflatten(out, ospec))}."
+            )
+        return out
+
+    out, jt = vjp(lambda wl: phi_leaves(wl, lam), w)
+    jt1 = _first(jt)
+
+    def matvec(v: Leaves) -> Leaves:  # (I − ∂_wΦ)ᵀ v
+        return T.sub(v, jt1(v))
+
+    def rmatvec(u: Leaves) -> Leaves:  # (I − ∂_wΦ) u, forward mode
+        return T.sub(u, jvp(lambda wl: phi_leaves(wl, lam), (w,), (u,))[1])
+
+    def cross(v: Leaves) -> Leaves:
+        _, dl = vjp(lambda ll: phi_leaves(w, ll), lam)
+        return dl(v)[0]
+
+    return ImplicitOperator(matvec, rmatvec, cross, False, T.norm(T.sub(out, w)))
+
+
+def _first(fn: Callable[[Leaves], tuple[Leaves, ...]]) -> Callable[[Leaves], Leaves]:
+    return lambda v: list(fn(v)[0])
+
+
+def _asymmetry(matvec: Callable[[Leaves], Leaves], like: Leaves) -> float:
+    """Relative size of <u, A z> − <z, A u> for two fixed random probes (2 matvecs)."""
+    gen = torch.Generator(device=like[0].device).manual_seed(0)
+
+    def probe() -> Leaves:
+        return [torch.randn(t.shape, generator=gen, dtype=t.dtype, device=t.device) for t in like]
+
+    u, z = probe(), probe()
+    au, az = matvec(u), matvec(z)
+    scale = T.norm(u) * T.norm(az) + T.norm(z) * T.norm(au)
+    return _item((T.vdot(u, az) - T.vdot(z, au)).abs() / torch.clamp(scale, min=1e-300))
+
+
+def hypergrad(
+    outer_loss: Callable[[Any, Any], torch.Tensor],
+    params: Any,
+    hparams: Any,
+    *,
+    inner_loss: Callable[[Any, Any], torch.Tensor] | None = None,
+    fixed_point: Callable[[Any, Any], Any] | None = None,
+    solver: Solver = CG(),
+    init: Any = None,
+    return_info: bool = False,
+) -> Any:
+    """Hypergradient ``∇F(λ)`` of ``F(λ) = f(w(λ), λ)`` by implicit differentiation (AID).
+
+    ``params`` should be (close to) the inner solution ``w(λ)``: a minimiser of
+    ``inner_loss(params, hparams)`` (then ``H v = ∇_w f``, ``∇F = ∇_λ f − (∂²_{λw} g)ᵀ v``)
+    or a fixed point of ``fixed_point(params, hparams)`` (then ``(I − ∂_wΦ)ᵀ v = ∇_w f``,
+    ``∇F = ∇_λ f + (∂_λΦ)ᵀ v``).  Pass exactly one of them.  ``params`` and ``hparams``
+    are tensors or pytrees of tensors; ``outer_loss(params, hparams)`` returns a scalar.
+
+    ``solver`` is a value from :mod:`bilevel.linear_solve`.  ``CG``/``MINRES`` need a
+    symmetric system: always so for ``inner_loss``; for a ``fixed_point`` the symmetry is
+    checked with two random probes and a non-symmetric map is refused.  ``init`` warm
+    starts the linear solve (e.g. ``info.v`` of the previous call).
+
+    Returns a pytree shaped like ``hparams`` (detached), or ``(hypergrad, HypergradInfo)``
+    with ``return_info=True``.  Errors are raised for a non-scalar loss, mismatched
+    structures, NaN/Inf, a diverging fixed-point iteration, and an ``hparams`` leaf that
+    reaches neither loss (its hypergradient would be zero for a structural reason).
+    """
+    check_solver(solver)
+    w, wspec = _leaves(params, "params")
+    lam, lspec = _leaves(hparams, "hparams")
+    dtypes = {t.dtype for t in w + lam}
+    if len(dtypes) > 1:
+        raise TypeError(
+            f"params and hparams should share one dtype, got {sorted(map(str, dtypes))}: "
+            "cast them with .to(torch.float64) (or float32)."
+        )
+    w = [t.detach() for t in w]
+    lam = [t.detach() for t in lam]
+    _check_input_finite(w, "params")
+    _check_input_finite(lam, "hparams")
+
+    f = _tree_fn(outer_loss, wspec, lspec)
+    fval, f_vjp = vjp(lambda wl, ll: _scalar(f(wl, ll), "outer_loss"), w, lam)
+    gw, gl = f_vjp(torch.ones_like(fval))
+    check_finite(gw, "∇_w outer_loss")
+
+    op = implicit_operator(w, lam, wspec, lspec, inner_loss=inner_loss, fixed_point=fixed_point)
+    if isinstance(solver, SYMMETRIC_SOLVERS) and not op.symmetric:
+        asym = _asymmetry(op.matvec, w)
+        if not isinstance(asym, torch.Tensor) and asym > torch.finfo(w[0].dtype).eps ** 0.4:
+            raise ValueError(
+                f"{type(solver).__name__} needs a symmetric system, but (I − ∂_wΦ)ᵀ of this "
+                f"fixed_point is not symmetric (relative asymmetry {asym:.2g}). Use GMRES(), "
+                "NormalCG() or FixedPoint(), or pass inner_loss= if Φ is a gradient step."
+            )
+    x0 = None
+    if init is not None:
+        x0, ispec = T.tree_flatten(init)
+        if ispec != wspec or any(a.shape != b.shape for a, b in zip(x0, w)):
+            raise ValueError(f"init should be shaped like params, got {T.describe(init)}.")
+    v, sinfo = solve_leaves(op.matvec, gw, solver, x0, op.rmatvec if isinstance(solver, NormalCG) else None)
+    check_finite(v, f"the linear-system solution v ({sinfo.solver}, {sinfo.iterations} iterations)")
+    hg = T.add(gl, op.cross(v))
+    check_finite(hg, "the hypergradient")
+    _check_reached(hg, lspec, lambda: _unused_hparams(f, inner_loss, fixed_point, w, lam, wspec, lspec))
+    out = T.tree_unflatten([t.detach() for t in hg], lspec)
+    if not return_info:
+        return out
+    info = HypergradInfo(
+        sinfo.solver,
+        sinfo.iterations,
+        sinfo.residual,
+        sinfo.converged,
+        _item(op.inner_residual),
+        _item(fval),
+        T.tree_unflatten([t.detach() for t in v], wspec),
+    )
+    return out, info
+
+
+def _check_reached(hg: Leaves, lspec: Any, find_unused: Callable[[], list[int]]) -> None:
+    """Raise if an all-zero hypergradient leaf comes from an hparam that reaches nothing."""
+    try:
+        zero = [i for i, t in enumerate(hg) if not bool(t.any())]
+    except RuntimeError:  # batched under vmap: cannot look at the data
+        return
+    if not zero:
+        return
+    unused = [i for i in find_unused() if i in zero]
+    if unused:
+        paths = _leaf_paths(lspec)
+        names = ", ".join(paths[i] for i in unused)
+        raise ValueError(
+            f"hparams leaf {names} reaches neither outer_loss nor the inner problem's "
+            "solution (inner_loss gradient / fixed_point), so its hypergradient is zero for "
+            "a structural reason. Remove it from hparams, or check that your losses use it."
+        )
+
+
+def _leaf_paths(spec: Any) -> list[str]:
+    n = spec.num_leaves
+    try:
+        from torch.utils._pytree import keystr, tree_flatten_with_path
+
+        dummy = T.tree_unflatten(list(range(n)), spec)
+        return [keystr(p) or "hparams" for p, _ in tree_flatten_with_path(dummy)[0]]
+    except Exception:
+        return [f"#{i}" for i in range(n)]
+
+
+def _unused_hparams(f, inner_loss, fixed_point, w, lam, wspec, lspec) -> list[int]:
+    """Indices of hparams leaves with no autograd path to f or to the inner optimality map."""
+    try:
+        with torch.enable_grad():
+            wl = [t.detach().requires_grad_() for t in w]
+            ll = [t.detach().requires_grad_() for t in lam]
+            outs = [f(wl, ll)]
+            if inner_loss is not None:
+                gval = _tree_fn(inner_loss, wspec, lspec)(wl, ll)
+                outs += [
+                    d for d in torch.autograd.grad(gval, wl, create_graph=True, allow_unused=True)
+                    if d is not None
+                ]
+            else:
+                outs += T.tree_flatten(_tree_fn(fixed_point, wspec, lspec)(wl, ll))[0]
+            total = sum(o.sum() for o in outs if o.requires_grad)
+            if not isinstance(total, torch.Tensor):
+                return list(range(len(lam)))
+            grads = torch.autograd.grad(total, ll, allow_unused=True)
+        return [i for i, d in enumerate(grads) if d is None]
+    except RuntimeError:  # inside another transform: do not guess
+        return []

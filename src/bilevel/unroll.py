@@ -1,0 +1,155 @@
+"""Iterative differentiation (ITD): differentiate through T steps of the inner solver.
+
+``w_{t+1} = step(w_t, λ)`` (or ``step(w_t, λ, t)`` with ``indexed=True``), ``t < T``.
+
+* :func:`unroll` returns ``w_T`` with its autograd graph to ``λ`` (reverse mode); with
+  ``truncate=K`` only the last K steps are recorded (memory independent of T), with
+  ``checkpoint=True`` the graph is kept at O(√T) memory by recomputation.
+* :func:`forward_hypergrad` carries ``Z_t = dw_t/dλ`` forward (Franceschi et al., ICML
+  2017, "forward-mode" FMD): memory O(|w|·|λ|) for any T, cheap when λ is small.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.func import jvp, vjp, vmap
+from torch.utils.checkpoint import checkpoint as _checkpoint
+
+from bilevel import _tree as T
+from bilevel.implicit import _check_input_finite, _leaves, _scalar
+
+__all__ = ["unroll", "forward_hypergrad"]
+
+Leaves = list[torch.Tensor]
+
+
+def _check_steps(steps: int, truncate: int | None) -> None:
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
+        raise ValueError(f"steps should be an int >= 0, not {steps!r}.")
+    if truncate is not None and (
+        not isinstance(truncate, int) or isinstance(truncate, bool) or not 0 <= truncate <= steps
+    ):
+        raise ValueError(f"truncate should be None or an int in [0, steps={steps}], not {truncate!r}.")
+
+
+def _step_leaves(step: Callable[..., Any], wspec: Any, lspec: Any, indexed: bool):
+    """step as a function of leaves, checking the output structure once."""
+    checked = [False]
+
+    def fn(w: Leaves, lam: Leaves, t: int) -> Leaves:
+        args = (T.tree_unflatten(list(w), wspec), T.tree_unflatten(list(lam), lspec))
+        out, ospec = T.tree_flatten(step(*args, t) if indexed else step(*args))
+        if not checked[0]:
+            if ospec != wspec or any(
+                not isinstance(o, torch.Tensor) or o.shape != x.shape for o, x in zip(out, w)
+            ):
+                raise ValueError(
+                    "step(params, hparams) should return a pytree with the structure and "
+                    f"shapes of params ({T.describe(args[0])}), got "
+                    f"{T.describe(T.tree_unflatten(out, ospec))}."
+                )
+            checked[0] = True
+        return out
+
+    return fn
+
+
+def unroll(
+    step: Callable[..., Any],
+    params0: Any,
+    hparams: Any,
+    steps: int,
+    *,
+    truncate: int | None = None,
+    checkpoint: bool = False,
+    indexed: bool = False,
+) -> Any:
+    """Run ``w_{t+1} = step(w_t, hparams)`` for ``steps`` steps and return ``w_T``.
+
+    ``w_T`` is differentiable w.r.t. ``hparams`` (and ``params0``) by reverse mode
+    (ITD): call ``.backward()`` on a loss of it, or use it inside ``torch.func.grad``.
+    ``truncate=K`` records only the last K steps (K-step truncated back-propagation;
+    memory independent of ``steps``); ``checkpoint=True`` recomputes segments of √T steps
+    in the backward pass instead of storing them (memory O(√T·|w|)).  With
+    ``indexed=True`` the step is called as ``step(w_t, hparams, t)`` (schedules).
+    """
+    _check_steps(steps, truncate)
+    w, wspec = _leaves(params0, "params0")
+    lam, lspec = _leaves(hparams, "hparams")
+    fn = _step_leaves(step, wspec, lspec, indexed)
+    start = 0
+    if truncate is not None:
+        start = steps - truncate
+        with torch.no_grad():
+            lam_d = [t.detach() for t in lam]
+            w = [t.detach() for t in w]
+            for t in range(start):
+                w = fn(w, lam_d, t)
+    if checkpoint and steps - start > 1 and torch.is_grad_enabled():
+        seg = max(1, math.isqrt(steps - start - 1) + 1)
+
+        def run(t0: int, t1: int, *flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            ww, ll = list(flat[: len(w)]), list(flat[len(w):])
+            for t in range(t0, t1):
+                ww = fn(ww, ll, t)
+            return tuple(ww)
+
+        for t0 in range(start, steps, seg):
+            t1 = min(t0 + seg, steps)
+            w = list(_checkpoint(run, t0, t1, *w, *lam, use_reentrant=False))
+    else:
+        for t in range(start, steps):
+            w = fn(w, lam, t)
+    return T.tree_unflatten(list(w), wspec)
+
+
+def forward_hypergrad(
+    outer_loss: Callable[[Any, Any], torch.Tensor],
+    step: Callable[..., Any],
+    params0: Any,
+    hparams: Any,
+    steps: int,
+    *,
+    indexed: bool = False,
+    return_params: bool = False,
+) -> Any:
+    """Hypergradient of ``f(w_T, λ)`` through T steps by forward mode (FMD).
+
+    Carries ``Z_{t+1} = ∂_wΦ Z_t + ∂_λΦ`` (``Z_0 = 0``, all |λ| directions at once with
+    ``vmap`` over ``jvp``) and returns ``∇_λ f + Z_Tᵀ ∇_w f`` shaped like ``hparams``;
+    with ``return_params=True`` returns ``(hypergrad, w_T)``.  Equal to reverse-mode ITD
+    through :func:`unroll`; memory O(|w|·|λ|) independent of T, so use it when λ is small.
+    """
+    _check_steps(steps, None)
+    w, wspec = _leaves(params0, "params0")
+    lam, lspec = _leaves(hparams, "hparams")
+    w = [t.detach() for t in w]
+    lam = [t.detach() for t in lam]
+    _check_input_finite(lam, "hparams")
+    fn = _step_leaves(step, wspec, lspec, indexed)
+    sizes = [t.numel() for t in lam]
+    m = sum(sizes)
+    eye = torch.eye(m, dtype=lam[0].dtype, device=lam[0].device)
+    e_lam = [c.reshape(m, *t.shape) for c, t in zip(torch.split(eye, sizes, dim=1), lam)]
+    z = [torch.zeros(m, *t.shape, dtype=t.dtype, device=t.device) for t in w]
+    for t in range(steps):
+
+        def tangent(zw: Leaves, zl: Leaves, t: int = t) -> tuple[Leaves, Leaves]:
+            return jvp(lambda wl, ll: fn(wl, ll, t), (w, lam), (zw, zl))
+
+        w_b, z = vmap(tangent)(z, e_lam)
+        w = [x[0] for x in w_b]
+    f = lambda wl, ll: _scalar(  # noqa: E731
+        outer_loss(T.tree_unflatten(list(wl), wspec), T.tree_unflatten(list(ll), lspec)),
+        "outer_loss",
+    )
+    fval, f_vjp = vjp(f, w, lam)
+    gw, gl = f_vjp(torch.ones_like(fval))
+    total = sum(zi.reshape(m, -1) @ gi.reshape(-1) for zi, gi in zip(z, gw))
+    hg = [g + c.reshape(g.shape) for g, c in zip(gl, torch.split(total, sizes))]
+    out = T.tree_unflatten(hg, lspec)
+    return (out, T.tree_unflatten(w, wspec)) if return_params else out
