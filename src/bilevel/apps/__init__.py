@@ -1,0 +1,1 @@
+"""Applications built only on bilevel's public API; each module has ``main(argv) -> int``."""
