@@ -7,8 +7,9 @@ hypergradient, same structure as ``hparams``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -27,18 +28,19 @@ class Problem:
 
 
 def _data(n, d, seed, dtype=torch.float64):
+    # drawn in float64 and cast, so the float32 problem is the same problem
     g = torch.Generator().manual_seed(seed)
-    X = torch.randn(n, d, generator=g, dtype=dtype)
-    w_true = torch.randn(d, generator=g, dtype=dtype)
-    y = X @ w_true + 0.5 * torch.randn(n, generator=g, dtype=dtype)
-    return X, y, g
+    X = torch.randn(n, d, generator=g, dtype=torch.float64)
+    w_true = torch.randn(d, generator=g, dtype=torch.float64)
+    y = X @ w_true + 0.5 * torch.randn(n, generator=g, dtype=torch.float64)
+    return X.to(dtype), y.to(dtype), g
 
 
 def ridge(n=40, d=8, seed=0, dtype=torch.float64) -> Problem:
     """g = ½‖Xw − y‖²/n + ½ Σ e^{λ_j} w_j²,  f = ½‖X_v w − y_v‖²/n_v."""
     X, y, g = _data(n, d, seed, dtype)
     Xv, yv, _ = _data(n, d, seed + 100, dtype)
-    lam = (0.3 * torch.randn(d, generator=g, dtype=dtype)) - 1.0
+    lam = (0.3 * torch.randn(d, generator=g, dtype=torch.float64) - 1.0).to(dtype)
     A = X.T @ X / n + torch.diag(lam.exp())
     w = torch.linalg.solve(A, X.T @ y / n)
     gw = Xv.T @ (Xv @ w - yv) / n
@@ -62,7 +64,8 @@ def ridge(n=40, d=8, seed=0, dtype=torch.float64) -> Problem:
 def logistic(n=60, d=6, seed=1, dtype=torch.float64) -> Problem:
     """g = mean log(1 + e^{−y·Xw}) + ½ Σ e^{λ_j} w_j²,  f = same data loss on validation."""
     X, _, g = _data(n, d, seed, dtype)
-    y = torch.sign(X @ torch.randn(d, generator=g, dtype=dtype) + 0.3 * torch.randn(n, generator=g, dtype=dtype))
+    y = torch.sign(X.double() @ torch.randn(d, generator=g, dtype=torch.float64)
+                   + 0.3 * torch.randn(n, generator=g, dtype=torch.float64)).to(dtype)
     Xv, _, _ = _data(n, d, seed + 100, dtype)
     yv = torch.sign(Xv[:, 0] + 0.1)
     lam = torch.linspace(-3, -1, d, dtype=dtype)
@@ -91,12 +94,9 @@ def logistic(n=60, d=6, seed=1, dtype=torch.float64) -> Problem:
 def linear_fixed_point(d=10, m=4, seed=2, q=0.8, dtype=torch.float64) -> Problem:
     """Φ(w, λ) = A w + B λ + c with non-symmetric A, ‖A‖₂ = q < 1;  f = ½‖w − t‖² + 0.05‖λ‖²."""
     g = torch.Generator().manual_seed(seed)
-    A = torch.randn(d, d, generator=g, dtype=dtype)
-    A = q * A / torch.linalg.matrix_norm(A, ord=2)
-    B = torch.randn(d, m, generator=g, dtype=dtype)
-    c = torch.randn(d, generator=g, dtype=dtype)
-    t = torch.randn(d, generator=g, dtype=dtype)
-    lam = torch.randn(m, generator=g, dtype=dtype)
+    A = torch.randn(d, d, generator=g, dtype=torch.float64)
+    A = (q * A / torch.linalg.matrix_norm(A, ord=2)).to(dtype)
+    B, c, t, lam = (torch.randn(*s, generator=g, dtype=torch.float64).to(dtype) for s in [(d, m), (d,), (d,), (m,)])
     eye = torch.eye(d, dtype=dtype)
     w = torch.linalg.solve(eye - A, B @ lam + c)
     exact = B.T @ torch.linalg.solve((eye - A).T, w - t) + 0.1 * lam
@@ -141,7 +141,7 @@ def ridge_dict(seed=3, dtype=torch.float64) -> Problem:
     )
 
 
-def newton(loss, w0, lam, iters=50, tol=1e-15):
+def newton(loss, w0, lam, iters=200, tol=1e-15):
     """Damped Newton with dense Hessian in float64, to machine precision (small problems)."""
     w = w0.clone()
     for _ in range(iters):
@@ -149,6 +149,9 @@ def newton(loss, w0, lam, iters=50, tol=1e-15):
         if gr.norm() < tol:
             break
         H = torch.func.hessian(loss)(w, lam)
+        ev_min = torch.linalg.eigvalsh(H).min()
+        if ev_min <= 0:  # non-convex: shift to a descent direction (modified Newton)
+            H = H + (1e-3 - ev_min) * torch.eye(len(w), dtype=w.dtype)
         dw = torch.linalg.solve(H, gr)
         t = 1.0
         f0 = loss(w, lam)

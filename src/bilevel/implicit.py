@@ -34,7 +34,7 @@ from bilevel.linear_solve import (
     solve_leaves,
 )
 
-__all__ = ["hypergrad", "HypergradInfo", "ImplicitOperator", "implicit_operator"]
+__all__ = ["hypergrad", "HypergradInfo", "ImplicitOperator", "implicit_operator", "check_symmetric"]
 
 Leaves = list[torch.Tensor]
 
@@ -64,8 +64,10 @@ class ImplicitOperator:
     """The linear system of the IFT at ``(w, λ)``, as closures built once.
 
     ``matvec(v) = A v`` and ``rmatvec(u) = Aᵀ u`` on leaves of ``params``, where
-    ``A = H`` (optimality form) or ``A = (I − ∂_wΦ)ᵀ`` (fixed-point form);
-    ``cross(v)``: the λ-part, ``−(∂²_{λw} g)ᵀ v`` or ``(∂_λΦ)ᵀ v``, on leaves of ``hparams``.
+    ``A = H`` (optimality form), ``A = (I − ∂_wΦ)ᵀ`` (fixed-point form) or
+    ``A = (∂_w F)ᵀ`` (root form, ``F(w, λ) = 0``);
+    ``cross(v)``: the λ-part, ``−(∂²_{λw} g)ᵀ v``, ``(∂_λΦ)ᵀ v`` or ``−(∂_λ F)ᵀ v``, on
+    leaves of ``hparams``.  ``inner_residual``: ``‖∇_w g‖``, ``‖Φ(w, λ) − w‖`` or ``‖F‖``.
     """
 
     matvec: Callable[[Leaves], Leaves]
@@ -125,13 +127,19 @@ def implicit_operator(
     *,
     inner_loss: Callable[[Any, Any], torch.Tensor] | None = None,
     fixed_point: Callable[[Any, Any], Any] | None = None,
+    root: Callable[[Any, Any], Any] | None = None,
 ) -> ImplicitOperator:
-    """Build the IFT linear operator at ``(params, hparams)`` (leaves), closures made once."""
+    """Build the IFT linear operator at ``(params, hparams)`` (leaves), closures made once.
+
+    Pass exactly one of ``inner_loss``, ``fixed_point`` or ``root`` (``F(w, λ) = 0``, ``F``
+    shaped like ``params``: a KKT map, any optimality condition).
+    """
     w, lam = params, hparams
-    if (inner_loss is None) == (fixed_point is None):
+    if sum(fn is not None for fn in (inner_loss, fixed_point, root)) != 1:
         raise ValueError(
             "pass exactly one of inner_loss= (optimality form, ∇_w g = 0) or "
-            "fixed_point= (w = Φ(w, λ))."
+            "fixed_point= (w = Φ(w, λ))"
+            + (" or root= (F(w, λ) = 0)." if root is not None else ".")
         )
     if inner_loss is not None:
         g = _tree_fn(inner_loss, wspec, lspec)
@@ -149,7 +157,8 @@ def implicit_operator(
 
         return ImplicitOperator(matvec, matvec, cross, True, T.norm(gw))
 
-    phi = _tree_fn(fixed_point, wspec, lspec)  # type: ignore[arg-type]
+    name = "fixed_point" if root is None else "root"
+    phi = _tree_fn(fixed_point if root is None else root, wspec, lspec)  # type: ignore[arg-type]
 
     def phi_leaves(wl: Leaves, ll: Leaves) -> Leaves:
         out, ospec = T.tree_flatten(phi(wl, ll))
@@ -157,7 +166,7 @@ def implicit_operator(
             not isinstance(o, torch.Tensor) or o.shape != x.shape for o, x in zip(out, w)
         ):
             raise ValueError(
-                "fixed_point(params, hparams) should return a pytree with the structure and "
+                f"{name}(params, hparams) should return a pytree with the structure and "
                 f"shapes of params ({T.describe(T.tree_unflatten(list(w), wspec))}), got "
                 f"{T.describe(T.tree_unflatten(out, ospec))}."
             )
@@ -165,6 +174,16 @@ def implicit_operator(
 
     out, jt = vjp(lambda wl: phi_leaves(wl, lam), w)
     jt1 = _first(jt)
+    if root is not None:  # A = (∂_w F)ᵀ directly: no I − (I − ·) round trip, no cancellation
+
+        def root_rmatvec(u: Leaves) -> Leaves:  # (∂_w F) u, forward mode
+            return list(jvp(lambda wl: phi_leaves(wl, lam), (w,), (u,))[1])
+
+        def root_cross(v: Leaves) -> Leaves:  # −(∂_λ F)ᵀ v
+            _, dl = vjp(lambda ll: phi_leaves(w, ll), lam)
+            return [-t for t in dl(v)[0]]
+
+        return ImplicitOperator(jt1, root_rmatvec, root_cross, False, T.norm(out))
 
     def matvec(v: Leaves) -> Leaves:  # (I − ∂_wΦ)ᵀ v
         return T.sub(v, jt1(v))
@@ -194,6 +213,20 @@ def _asymmetry(matvec: Callable[[Leaves], Leaves], like: Leaves) -> float:
     au, az = matvec(u), matvec(z)
     scale = T.norm(u) * T.norm(az) + T.norm(z) * T.norm(au)
     return _item((T.vdot(u, az) - T.vdot(z, au)).abs() / torch.clamp(scale, min=1e-300))
+
+
+def check_symmetric(solver: Solver, op: ImplicitOperator, like: Leaves, form: str = "fixed_point") -> None:
+    """Refuse CG/MINRES on a non-symmetric system (probed with 2 matvecs; skipped under vmap)."""
+    if not isinstance(solver, SYMMETRIC_SOLVERS) or op.symmetric:
+        return
+    asym = _asymmetry(op.matvec, like)
+    if not isinstance(asym, torch.Tensor) and asym > torch.finfo(like[0].dtype).eps ** 0.4:
+        system = "(∂_w F)ᵀ of this root" if form == "root" else "(I − ∂_wΦ)ᵀ of this fixed_point"
+        raise ValueError(
+            f"{type(solver).__name__} needs a symmetric system, but {system} is not "
+            f"symmetric (relative asymmetry {asym:.2g}). Use GMRES(), NormalCG() or "
+            "FixedPoint(), or pass inner_loss= if it is the gradient of a loss."
+        )
 
 
 def hypergrad(
@@ -245,14 +278,7 @@ def hypergrad(
     check_finite(gw, "∇_w outer_loss")
 
     op = implicit_operator(w, lam, wspec, lspec, inner_loss=inner_loss, fixed_point=fixed_point)
-    if isinstance(solver, SYMMETRIC_SOLVERS) and not op.symmetric:
-        asym = _asymmetry(op.matvec, w)
-        if not isinstance(asym, torch.Tensor) and asym > torch.finfo(w[0].dtype).eps ** 0.4:
-            raise ValueError(
-                f"{type(solver).__name__} needs a symmetric system, but (I − ∂_wΦ)ᵀ of this "
-                f"fixed_point is not symmetric (relative asymmetry {asym:.2g}). Use GMRES(), "
-                "NormalCG() or FixedPoint(), or pass inner_loss= if Φ is a gradient step."
-            )
+    check_symmetric(solver, op, w)
     x0 = None
     if init is not None:
         x0, ispec = T.tree_flatten(init)

@@ -138,7 +138,7 @@ def forward_hypergrad(
     z = [torch.zeros(m, *t.shape, dtype=t.dtype, device=t.device) for t in w]
     for t in range(steps):
 
-        def tangent(zw: Leaves, zl: Leaves, t: int = t) -> tuple[Leaves, Leaves]:
+        def tangent(zw: Leaves, zl: Leaves, t: int = t, w: Leaves = w) -> tuple[Leaves, Leaves]:
             return jvp(lambda wl, ll: fn(wl, ll, t), (w, lam), (zw, zl))
 
         w_b, z = vmap(tangent)(z, e_lam)
