@@ -15,6 +15,7 @@ from bilevel.linear_solve import (
     SolverError,
     solve,
 )
+from bilevel.minimize import MinimizeInfo, newton_cg
 from bilevel.unroll import forward_hypergrad, unroll
 
 __version__ = "0.1.0"
@@ -24,6 +25,8 @@ __all__ = [
     "HypergradInfo",
     "unroll",
     "forward_hypergrad",
+    "newton_cg",
+    "MinimizeInfo",
     "linear_solve",
     "solve",
     "SolveInfo",
