@@ -1,0 +1,308 @@
+"""Data-parallel hypergradients over ``torch.distributed`` ranks.
+
+Each rank holds a shard of the data and the *same* ``params`` and ``hparams``.  A loss that
+is a mean over data splits as a weighted mean of the shards' means,
+
+    g(w, λ) = Σ_r (n_r / N) · g_r(w, λ),      N = Σ_r n_r,
+
+and because the weights sum to one, a term every rank adds identically (a penalty
+``½ Σ e^{λ_j} w_j²``) is kept exactly once.  :func:`data_parallel` turns the local
+``g_r`` into ``g`` on every rank with two linear operators that are each other's
+transpose (the conjugate pair of Megatron-LM, Shoeybi et al., 2019):
+
+* ``replicate``: identity forward; all-reduce (sum) of the cotangents backward, so the
+  gradient of a replicated tensor is the sum of the shards' contributions;
+* ``reduce``: all-reduce (sum) forward; ``replicate`` backward.
+
+The backward of each is the other, so derivatives of any order — the gradient, the
+Hessian– and Jacobian–vector products inside every solver of :func:`bilevel.hypergrad`,
+reverse mode through :func:`bilevel.unroll`, forward mode — are the derivatives of the
+global ``g`` and are identical on every rank.  Both are ``torch.autograd.Function`` with
+``setup_context``, ``jvp`` and ``vmap`` rules, so they work under ``torch.func`` (grad,
+vjp, jvp, vmap) as well as plain autograd; the stock
+``torch.distributed.nn.functional.all_reduce`` does neither (it has no functorch support,
+and its backward all-reduces a replicated cotangent, which scales gradients by N).
+
+The core is not changed: wrap the losses (or the fixed-point map, or the ITD step) and call
+``hypergrad`` / ``unroll`` as on one process.  Communication: one all-reduce of
+``|params|`` numbers per Hessian/Jacobian–vector product, plus a few scalars per loss
+evaluation (the value and a consistency flag, see :func:`data_parallel`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from bilevel import _tree as T
+
+__all__ = ["data_parallel", "shard", "DistributedError"]
+
+Leaves = list[torch.Tensor]
+
+
+class DistributedError(RuntimeError):
+    """Another rank failed (raised, disagreed on inputs, or the collective broke)."""
+
+
+def _all_reduce(buf: torch.Tensor, op: Any, group: Any) -> None:
+    """The one place every collective of this module goes through (the benchmark counts it)."""
+    dist.all_reduce(buf, op=op, group=group)
+
+
+def _sum_leaves(group: Any, xs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """All-reduce (sum) several tensors with one collective per (dtype, device) bucket."""
+    out: list[torch.Tensor | None] = [None] * len(xs)
+    buckets: dict[tuple[torch.dtype, torch.device], list[int]] = {}
+    for i, x in enumerate(xs):
+        buckets.setdefault((x.dtype, x.device), []).append(i)
+    for idx in buckets.values():
+        buf = torch.cat([xs[i].reshape(-1) for i in idx])  # a fresh contiguous copy
+        try:
+            _all_reduce(buf, dist.ReduceOp.SUM, group)
+        except RuntimeError as e:
+            raise DistributedError(
+                f"all-reduce failed on rank {dist.get_rank(group)}: another rank probably "
+                f"raised, exited or timed out (see its traceback). Backend said: {e}"
+            ) from e
+        for i, part in zip(idx, torch.split(buf, [xs[i].numel() for i in idx])):
+            out[i] = part.reshape(xs[i].shape)
+    return tuple(out)  # type: ignore[arg-type]
+
+
+class _Replicate(torch.autograd.Function):
+    """Identity forward; all-reduce of the cotangents backward (as ``_Reduce``)."""
+
+    @staticmethod
+    def forward(group: Any, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(x.view_as(x) for x in xs)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        ctx.group = inputs[0]
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor) -> tuple[Any, ...]:
+        need = [i for i, g in enumerate(ctx.needs_input_grad[1:]) if g]
+        out: list[torch.Tensor | None] = [None] * len(grads)
+        if need:  # only the cotangents autograd asked for travel
+            for i, r in zip(need, _Reduce.apply(ctx.group, *(grads[i] for i in need))):
+                out[i] = r
+        return (None, *out)
+
+    @staticmethod
+    def jvp(ctx: Any, group_t: Any, *tangents: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(t.view_as(t) for t in tangents)
+
+    @staticmethod
+    def vmap(info: Any, in_dims: tuple[Any, ...], group: Any, *xs: torch.Tensor):
+        return tuple(x.view_as(x) for x in xs), tuple(in_dims[1:])
+
+
+class _Reduce(torch.autograd.Function):
+    """All-reduce (sum) forward; ``_Replicate`` backward (a replicated cotangent stays)."""
+
+    @staticmethod
+    def forward(group: Any, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return _sum_leaves(group, xs)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        ctx.group = inputs[0]
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor) -> tuple[Any, ...]:
+        return (None, *_Replicate.apply(ctx.group, *grads))
+
+    @staticmethod
+    def jvp(ctx: Any, group_t: Any, *tangents: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return _Reduce.apply(ctx.group, *tangents)
+
+    @staticmethod
+    def vmap(info: Any, in_dims: tuple[Any, ...], group: Any, *xs: torch.Tensor):
+        # The sum is elementwise, so the batched (physical) tensors are reduced as they are;
+        # every rank runs the same program, hence has the same batch layout.
+        return _sum_leaves(group, xs), tuple(in_dims[1:])
+
+
+def _require_group(group: Any) -> None:
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(
+            "torch.distributed is not initialised: call torch.distributed.init_process_group"
+            "(backend) first (launch with torchrun, or set MASTER_ADDR/MASTER_PORT/RANK/"
+            "WORLD_SIZE), then wrap the losses with data_parallel."
+        )
+
+
+def _device(group: Any, like: torch.device) -> torch.device:
+    """Where this backend wants small control tensors: the data's device, CUDA for NCCL."""
+    if like.type == "cpu" and dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return like
+
+
+def _checksum(leaves: Leaves) -> float | None:
+    """Σ x + Σ x² over the replicated inputs, or None where the data cannot be read (vmap)."""
+    try:
+        return sum(float(t.detach().double().sum() + (t.detach().double() ** 2).sum()) for t in leaves)
+    except RuntimeError:
+        return None
+
+
+def _agree(group: Any, device: torch.device, failed: BaseException | None,
+           checksum: float | None, numel: int) -> None:
+    """One small all-reduce (max) so every rank takes the same decision: stop or go on.
+
+    Stops every rank when one raised in its local function, when the replicated inputs
+    differ across ranks (params/hparams out of sync), or when the outputs have different
+    sizes (the value all-reduce would mix unrelated numbers or hang).
+    """
+    c = 0.0 if checksum is None else checksum
+    flags = torch.tensor(
+        [float(failed is not None), c, -c, float(numel), -float(numel)],
+        dtype=torch.float64, device=device,
+    )
+    try:
+        _all_reduce(flags, dist.ReduceOp.MAX, group)
+    except RuntimeError as e:
+        raise DistributedError(
+            f"rank {dist.get_rank(group)}: the consistency all-reduce failed; another rank "
+            f"probably raised outside data_parallel, exited or timed out. Backend said: {e}"
+        ) from e
+    any_failed, cmax, cmin, nmax, nmin = flags.tolist()
+    rank = dist.get_rank(group)
+    if any_failed:
+        msgs = _gather_messages(group, device, "" if failed is None else f"{type(failed).__name__}: {failed}")
+        if failed is not None:
+            raise failed
+        who = "; ".join(f"rank {r} raised {m}" for r, m in enumerate(msgs) if m)
+        raise DistributedError(f"data_parallel on rank {rank}: stopped because {who}.")
+    cmin = -cmin
+    if abs(cmax - cmin) > 1e-9 * max(1.0, abs(cmax), abs(cmin)):
+        raise DistributedError(
+            f"data_parallel on rank {rank}: params/hparams differ across ranks (checksums "
+            f"from {cmin:.17g} to {cmax:.17g}); every rank must hold the same values. Start "
+            "them from the same seed or broadcast them from rank 0 (torch.distributed."
+            "broadcast), and update them only with all-reduced (hyper)gradients."
+        )
+    if nmax != -nmin:
+        raise DistributedError(
+            f"data_parallel on rank {rank}: the local function returns {numel} numbers here "
+            f"but between {-nmin:.0f} and {nmax:.0f} across ranks; its output must have the "
+            "same shapes on every rank (a mean over the shard, not the shard's rows)."
+        )
+
+
+_MESSAGE_BYTES = 400
+
+
+def _gather_messages(group: Any, device: torch.device, msg: str) -> list[str]:
+    """Every rank's (short) message on every rank, with one all-reduce.
+
+    Not ``all_gather_object``: it slices tensors, which fails inside ``torch.func``
+    transforms; byte codes in a rank's own slot of a zero buffer survive a sum exactly.
+    """
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    raw = msg.encode()[:_MESSAGE_BYTES]
+    codes = [0.0] * (world * _MESSAGE_BYTES)
+    codes[rank * _MESSAGE_BYTES: rank * _MESSAGE_BYTES + len(raw)] = [float(b) for b in raw]
+    buf = torch.tensor(codes, dtype=torch.float64, device=device)
+    _all_reduce(buf, dist.ReduceOp.SUM, group)
+    out = [int(b) for b in buf.tolist()]
+    return [
+        bytes(out[r * _MESSAGE_BYTES:(r + 1) * _MESSAGE_BYTES]).rstrip(b"\0").decode(errors="replace")
+        for r in range(world)
+    ]
+
+
+def data_parallel(
+    local_fn: Callable[[Any, Any], Any],
+    n_local: int,
+    *,
+    group: Any = None,
+) -> Callable[[Any, Any], Any]:
+    """The global ``fn(params, hparams) = Σ_r (n_r/N) · local_fn_r(params, hparams)``.
+
+    ``local_fn(params, hparams)`` computes, on this rank's shard of ``n_local`` samples,
+    a *mean* over the shard (a loss, or a fixed-point map / ITD step whose data term is a
+    mean gradient), returning a tensor or a pytree of tensors.  The returned function
+    gives the full-data value on every rank, and every derivative of it (``torch.func``
+    or autograd, any order, forward or reverse) is the full-data derivative, identical on
+    every rank — so ``hypergrad`` (every solver), ``unroll`` (ITD) and
+    ``forward_hypergrad`` on wrapped functions equal the one-process result on all the
+    data.  Shards may have different sizes; terms every rank adds alike (penalties) count
+    once because the weights ``n_r/N`` sum to one.  A loss that is a *sum* over data:
+    divide it by ``n_local`` and multiply the result by ``N``.
+
+    Collective: call it on every rank of ``group`` (default: the world), after
+    ``torch.distributed.init_process_group``; it all-reduces ``n_local`` once.  Each call
+    of the returned function is collective too: one small all-reduce checks that no rank
+    raised in ``local_fn`` (otherwise every rank raises — the failing one its own error,
+    the others :class:`DistributedError` naming it — instead of hanging), that ``params``
+    and ``hparams`` are the same on every rank, and that the outputs have one size; then
+    one all-reduce sums the weighted outputs.  Derivatives all-reduce ``|params|`` (and
+    ``|hparams|`` where asked) numbers per vector product.
+    """
+    _require_group(group)
+    if not isinstance(n_local, int) or isinstance(n_local, bool) or n_local < 0:
+        raise ValueError(f"n_local should be the number of samples on this rank (an int >= 0), not {n_local!r}.")
+    counts = torch.tensor([n_local, int(n_local == 0)], dtype=torch.float64,
+                          device=_device(group, torch.device("cpu")))
+    _all_reduce(counts, dist.ReduceOp.SUM, group)
+    total, empty = (int(c) for c in counts.tolist())
+    if empty:
+        raise ValueError(
+            f"{empty} rank(s) of {dist.get_world_size(group)} hold no data (n_local=0), and a "
+            "mean over no samples is undefined; give every rank at least one sample (see "
+            "bilevel.distributed.shard) or run on fewer processes."
+        )
+    weight = n_local / total
+
+    def fn(params: Any, hparams: Any) -> Any:
+        wl, wspec = T.tree_flatten(params)
+        ll, lspec = T.tree_flatten(hparams)
+        inputs = [t for t in wl + ll if isinstance(t, torch.Tensor)]
+        if not inputs:
+            raise TypeError("params and hparams hold no tensors; data_parallel needs them as tensors.")
+        reps = iter(_Replicate.apply(group, *inputs))
+        wl = [next(reps) if isinstance(t, torch.Tensor) else t for t in wl]
+        ll = [next(reps) if isinstance(t, torch.Tensor) else t for t in ll]
+        failed: BaseException | None = None
+        out, ospec, numel = [], None, -1
+        try:
+            out, ospec = T.tree_flatten(local_fn(T.tree_unflatten(wl, wspec), T.tree_unflatten(ll, lspec)))
+            if not out or not all(isinstance(o, torch.Tensor) for o in out):
+                raise TypeError(
+                    "local_fn should return a tensor or a pytree of tensors, got "
+                    f"{T.describe(T.tree_unflatten(out, ospec))}."
+                )
+            numel = sum(o.numel() for o in out)
+        except Exception as e:  # told to every rank below, so no one waits forever
+            failed = e
+        _agree(group, _device(group, inputs[0].device), failed, _checksum(inputs), numel)
+        return T.tree_unflatten(list(_Reduce.apply(group, *(weight * o for o in out))), ospec)
+
+    return fn
+
+
+def shard(*tensors: torch.Tensor, group: Any = None) -> Any:
+    """This rank's contiguous block of rows (dim 0) of each tensor; sizes differ by ≤ 1.
+
+    Rank r of R gets rows ``[r·n//R + min(r, n%R) ...)`` style balanced blocks: the first
+    ``n % R`` ranks get one extra row.  Returns a tensor for one argument, else a tuple.
+    """
+    _require_group(group)
+    if not tensors:
+        raise ValueError("shard needs at least one tensor.")
+    n = tensors[0].shape[0]
+    if any(t.shape[0] != n for t in tensors):
+        raise ValueError(f"shard: tensors should share dim 0, got {[t.shape[0] for t in tensors]}.")
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    base, extra = divmod(n, world)
+    start = rank * base + min(rank, extra)
+    stop = start + base + (rank < extra)
+    out = tuple(t[start:stop] for t in tensors)
+    return out[0] if len(out) == 1 else out
