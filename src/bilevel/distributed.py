@@ -144,124 +144,130 @@ def _device(group: Any, like: torch.device) -> torch.device:
     return like
 
 
-def _checksum(leaves: Leaves) -> float | None:
-    """Σ x + Σ x² over the replicated inputs, or None where the data cannot be read (vmap)."""
+def _checksum(leaves: Leaves) -> float:
+    """Σ x + Σ x² over the replicated inputs; 0 where the data cannot be read (vmap).
+
+    Every rank runs the same program, so every rank can or cannot read its data alike.
+    """
     try:
         return sum(float(t.detach().double().sum() + (t.detach().double() ** 2).sum()) for t in leaves)
     except RuntimeError:
-        return None
+        return 0.0
 
 
-def _agree(group: Any, device: torch.device, failed: BaseException | None,
-           checksum: float | None, numel: int) -> None:
-    """One small all-reduce (max) so every rank takes the same decision: stop or go on.
+def _gather(group: Any, device: torch.device, row: Sequence[float]) -> list[list[float]]:
+    """Every rank's ``row`` on every rank, with one all-reduce (sum).
 
-    Stops every rank when one raised in its local function, when the replicated inputs
-    differ across ranks (params/hparams out of sync), or when the outputs have different
-    sizes (the value all-reduce would mix unrelated numbers or hang).
+    Each rank writes its row into its own slot of a zero buffer, so the sum is exact (no
+    rounding).  Not ``all_gather_object``: it slices tensors, which fails inside
+    ``torch.func`` transforms, and it costs two collectives.
     """
-    c = 0.0 if checksum is None else checksum
-    flags = torch.tensor(
-        [float(failed is not None), c, -c, float(numel), -float(numel)],
-        dtype=torch.float64, device=device,
-    )
+    world, rank, k = dist.get_world_size(group), dist.get_rank(group), len(row)
+    flat = [0.0] * (world * k)
+    flat[rank * k:(rank + 1) * k] = row
+    buf = torch.tensor(flat, dtype=torch.float64, device=device)
     try:
-        _all_reduce(flags, dist.ReduceOp.MAX, group)
+        _all_reduce(buf, dist.ReduceOp.SUM, group)
     except RuntimeError as e:
         raise DistributedError(
-            f"rank {dist.get_rank(group)}: the consistency all-reduce failed; another rank "
+            f"rank {rank}: the consistency all-reduce of data_parallel failed; another rank "
             f"probably raised outside data_parallel, exited or timed out. Backend said: {e}"
         ) from e
-    any_failed, cmax, cmin, nmax, nmin = flags.tolist()
-    rank = dist.get_rank(group)
-    if any_failed:
-        msgs = _gather_messages(group, device, "" if failed is None else f"{type(failed).__name__}: {failed}")
-        if failed is not None:
-            raise failed
-        who = "; ".join(f"rank {r} raised {m}" for r, m in enumerate(msgs) if m)
-        raise DistributedError(f"data_parallel on rank {rank}: stopped because {who}.")
-    cmin = -cmin
-    if abs(cmax - cmin) > 1e-9 * max(1.0, abs(cmax), abs(cmin)):
-        raise DistributedError(
-            f"data_parallel on rank {rank}: params/hparams differ across ranks (checksums "
-            f"from {cmin:.17g} to {cmax:.17g}); every rank must hold the same values. Start "
-            "them from the same seed or broadcast them from rank 0 (torch.distributed."
-            "broadcast), and update them only with all-reduced (hyper)gradients."
-        )
-    if nmax != -nmin:
-        raise DistributedError(
-            f"data_parallel on rank {rank}: the local function returns {numel} numbers here "
-            f"but between {-nmin:.0f} and {nmax:.0f} across ranks; its output must have the "
-            "same shapes on every rank (a mean over the shard, not the shard's rows)."
-        )
+    vals = buf.tolist()
+    return [vals[r * k:(r + 1) * k] for r in range(world)]
 
 
 _MESSAGE_BYTES = 400
 
 
-def _gather_messages(group: Any, device: torch.device, msg: str) -> list[str]:
-    """Every rank's (short) message on every rank, with one all-reduce.
+def _agree(group: Any, device: torch.device, failed: BaseException | None,
+           checksum: float, numel: int, n_local: int) -> int:
+    """One small all-reduce so that every rank takes the same decision; returns N = Σ n_r.
 
-    Not ``all_gather_object``: it slices tensors, which fails inside ``torch.func``
-    transforms; byte codes in a rank's own slot of a zero buffer survive a sum exactly.
+    Stops every rank — the failing one with its own exception, the others with a
+    :class:`DistributedError` that quotes it — when one raised in its local function,
+    when the replicated inputs differ across ranks (params/hparams out of sync), when the
+    outputs have different sizes (the value all-reduce would mix unrelated numbers or
+    hang), or when a rank has no samples.
     """
-    world, rank = dist.get_world_size(group), dist.get_rank(group)
-    raw = msg.encode()[:_MESSAGE_BYTES]
-    codes = [0.0] * (world * _MESSAGE_BYTES)
-    codes[rank * _MESSAGE_BYTES: rank * _MESSAGE_BYTES + len(raw)] = [float(b) for b in raw]
-    buf = torch.tensor(codes, dtype=torch.float64, device=device)
-    _all_reduce(buf, dist.ReduceOp.SUM, group)
-    out = [int(b) for b in buf.tolist()]
-    return [
-        bytes(out[r * _MESSAGE_BYTES:(r + 1) * _MESSAGE_BYTES]).rstrip(b"\0").decode(errors="replace")
-        for r in range(world)
-    ]
+    rank = dist.get_rank(group)
+    rows = _gather(group, device, [float(failed is not None), checksum, float(numel), float(n_local)])
+    if any(r[0] for r in rows):
+        raw = b"" if failed is None else f"{type(failed).__name__}: {failed}".encode()[:_MESSAGE_BYTES]
+        codes = [float(b) for b in raw] + [0.0] * (_MESSAGE_BYTES - len(raw))
+        msgs = [bytes(int(b) for b in m).rstrip(b"\0").decode(errors="replace")
+                for m in _gather(group, device, codes)]
+        if failed is not None:
+            raise failed
+        who = "; ".join(f"rank {r} raised {m}" for r, m in enumerate(msgs) if m)
+        raise DistributedError(f"data_parallel on rank {rank}: stopped because {who}.")
+    sums = [r[1] for r in rows]
+    lo, hi = min(sums), max(sums)
+    if hi - lo > 1e-9 * max(1.0, abs(lo), abs(hi)):
+        raise DistributedError(
+            f"data_parallel on rank {rank}: params/hparams differ across ranks (checksums "
+            f"from {lo:.17g} to {hi:.17g}); every rank must hold the same values. Start "
+            "them from the same seed or broadcast them from rank 0 (torch.distributed."
+            "broadcast), and update them only with all-reduced (hyper)gradients."
+        )
+    sizes = [int(r[2]) for r in rows]
+    if len(set(sizes)) > 1:
+        raise DistributedError(
+            f"data_parallel on rank {rank}: the local function returns {numel} numbers here, "
+            f"{sizes} across ranks; its output must have the same shapes on every rank (a "
+            "mean over the shard, not one value per sample)."
+        )
+    counts = [int(r[3]) for r in rows]
+    if min(counts) <= 0:
+        raise ValueError(
+            f"data_parallel on rank {rank}: rank(s) {[r for r, c in enumerate(counts) if c <= 0]} "
+            f"hold no data (n_local per rank: {counts}); a mean over no samples is undefined. "
+            "Give every rank at least one sample (bilevel.distributed.shard does) or run on "
+            "fewer processes."
+        )
+    return sum(counts)
 
 
 def data_parallel(
-    local_fn: Callable[[Any, Any], Any],
-    n_local: int,
+    local_fn: Callable[..., Any],
+    n_local: int | Callable[..., int],
     *,
     group: Any = None,
-) -> Callable[[Any, Any], Any]:
-    """The global ``fn(params, hparams) = Σ_r (n_r/N) · local_fn_r(params, hparams)``.
+) -> Callable[..., Any]:
+    """The global ``fn(params, hparams, *args) = Σ_r (n_r/N)·local_fn_r(params, hparams, *args)``.
 
-    ``local_fn(params, hparams)`` computes, on this rank's shard of ``n_local`` samples,
-    a *mean* over the shard (a loss, or a fixed-point map / ITD step whose data term is a
-    mean gradient), returning a tensor or a pytree of tensors.  The returned function
-    gives the full-data value on every rank, and every derivative of it (``torch.func``
-    or autograd, any order, forward or reverse) is the full-data derivative, identical on
-    every rank — so ``hypergrad`` (every solver), ``unroll`` (ITD) and
-    ``forward_hypergrad`` on wrapped functions equal the one-process result on all the
-    data.  Shards may have different sizes; terms every rank adds alike (penalties) count
-    once because the weights ``n_r/N`` sum to one.  A loss that is a *sum* over data:
-    divide it by ``n_local`` and multiply the result by ``N``.
+    ``local_fn`` computes, on this rank's ``n_local`` samples, a *mean* over them (a loss,
+    or a fixed-point map / ITD step whose data term is a mean gradient), returning a tensor
+    or a pytree of tensors; ``N = Σ_r n_r``.  The returned function gives the full-data
+    value on every rank, and every derivative of it (``torch.func`` or autograd, any
+    order, forward or reverse) is the full-data derivative, bitwise identical on every rank
+    — so ``hypergrad`` (every solver), ``unroll`` (ITD), ``forward_hypergrad`` and anything
+    else built on these functions equal the one-process result on all the data.  Shards
+    may differ in size; terms that every rank adds alike (penalties) count once because
+    the weights ``n_r/N`` sum to one.  For a loss that is a *sum* over data, pass
+    ``local_sum / n_local`` and multiply the result by ``N``.
 
-    Collective: call it on every rank of ``group`` (default: the world), after
-    ``torch.distributed.init_process_group``; it all-reduces ``n_local`` once.  Each call
-    of the returned function is collective too: one small all-reduce checks that no rank
-    raised in ``local_fn`` (otherwise every rank raises — the failing one its own error,
-    the others :class:`DistributedError` naming it — instead of hanging), that ``params``
-    and ``hparams`` are the same on every rank, and that the outputs have one size; then
-    one all-reduce sums the weighted outputs.  Derivatives all-reduce ``|params|`` (and
-    ``|hparams|`` where asked) numbers per vector product.
+    ``n_local``: an int (a fixed shard), or a function of the extra ``*args`` giving the
+    number of samples in them (a minibatch: ``lambda batch: len(batch[1])``), for the
+    stochastic methods, whose functions take ``(params, hparams, batch)``.
+
+    Each call is collective: make it on every rank of ``group`` (default: the world), after
+    ``torch.distributed.init_process_group``.  One small all-reduce (4 numbers per rank)
+    first checks that no rank raised in ``local_fn`` (otherwise every rank raises — the
+    failing one its own error, the others a :class:`DistributedError` quoting it — instead
+    of hanging), that ``params`` and ``hparams`` agree across ranks, that the outputs have
+    one size and that no shard is empty; one all-reduce then sums the weighted outputs.
+    Each derivative all-reduces the cotangents of ``params`` (and of ``hparams`` when it
+    is differentiated): one all-reduce of ``|params|`` numbers per Hessian– or
+    Jacobian–vector product.
     """
     _require_group(group)
-    if not isinstance(n_local, int) or isinstance(n_local, bool) or n_local < 0:
-        raise ValueError(f"n_local should be the number of samples on this rank (an int >= 0), not {n_local!r}.")
-    counts = torch.tensor([n_local, int(n_local == 0)], dtype=torch.float64,
-                          device=_device(group, torch.device("cpu")))
-    _all_reduce(counts, dist.ReduceOp.SUM, group)
-    total, empty = (int(c) for c in counts.tolist())
-    if empty:
-        raise ValueError(
-            f"{empty} rank(s) of {dist.get_world_size(group)} hold no data (n_local=0), and a "
-            "mean over no samples is undefined; give every rank at least one sample (see "
-            "bilevel.distributed.shard) or run on fewer processes."
-        )
-    weight = n_local / total
+    if not callable(local_fn):
+        raise TypeError(f"data_parallel: local_fn should be a function (params, hparams, ...), not {local_fn!r}.")
+    if not callable(n_local):
+        _check_count(n_local)
 
-    def fn(params: Any, hparams: Any) -> Any:
+    def fn(params: Any, hparams: Any, *args: Any) -> Any:
         wl, wspec = T.tree_flatten(params)
         ll, lspec = T.tree_flatten(hparams)
         inputs = [t for t in wl + ll if isinstance(t, torch.Tensor)]
@@ -271,21 +277,29 @@ def data_parallel(
         wl = [next(reps) if isinstance(t, torch.Tensor) else t for t in wl]
         ll = [next(reps) if isinstance(t, torch.Tensor) else t for t in ll]
         failed: BaseException | None = None
-        out, ospec, numel = [], None, -1
+        out, ospec, numel, n = [], None, -1, 0
         try:
-            out, ospec = T.tree_flatten(local_fn(T.tree_unflatten(wl, wspec), T.tree_unflatten(ll, lspec)))
+            n = _check_count(n_local(*args)) if callable(n_local) else n_local
+            out, ospec = T.tree_flatten(local_fn(T.tree_unflatten(wl, wspec), T.tree_unflatten(ll, lspec), *args))
             if not out or not all(isinstance(o, torch.Tensor) for o in out):
                 raise TypeError(
                     "local_fn should return a tensor or a pytree of tensors, got "
                     f"{T.describe(T.tree_unflatten(out, ospec))}."
                 )
             numel = sum(o.numel() for o in out)
-        except Exception as e:  # told to every rank below, so no one waits forever
+        except Exception as e:  # told to every rank in _agree, so that no rank waits forever
             failed = e
-        _agree(group, _device(group, inputs[0].device), failed, _checksum(inputs), numel)
+        total = _agree(group, _device(group, inputs[0].device), failed, _checksum(inputs), numel, n)
+        weight = n / total
         return T.tree_unflatten(list(_Reduce.apply(group, *(weight * o for o in out))), ospec)
 
     return fn
+
+
+def _check_count(n: Any) -> int:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"n_local should be the number of samples on this rank (an int >= 0), not {n!r}.")
+    return n
 
 
 def shard(*tensors: torch.Tensor, group: Any = None) -> Any:
