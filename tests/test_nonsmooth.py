@@ -1,0 +1,172 @@
+"""NSID (Grazzi, Pontil & Salzo, ICML 2024) on a synthetic elastic net whose exact
+hypergradient is a dense float64 solve: the deterministic limit, the O(1/k) rate, the
+stochastic inner solver, and bad input."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from problems import rel_err
+
+import bilevel
+from bilevel import nonsmooth as N
+from bilevel import prox as P
+
+torch.set_default_dtype(torch.float64)
+
+
+def _problem(n=500, d=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, d, generator=g)
+    X[:, 1] += 0.8 * X[:, 0]  # correlated features: a slower contraction (q ≈ 0.5)
+    w_true = torch.tensor([1.5, -1.0, 0.0, 0.7, 0.0])
+    y = X @ w_true + 0.5 * torch.randn(n, generator=g)
+    Xv = torch.randn(100, d, generator=g)
+    yv = Xv @ w_true + 0.5 * torch.randn(100, generator=g)
+    L = torch.linalg.eigvalsh(X.T @ X / n).max().item()
+    theta = torch.tensor([-2.0, -1.0])  # (log α₁, log α₂)
+
+    def prox(u, th, eta):
+        return P.prox_elastic_net(u, eta * th[0].exp(), eta * th[1].exp())
+
+    def batch_loss(w, th, idx):
+        return 0.5 * ((X[idx] @ w - y[idx]) ** 2).mean()
+
+    def outer(w, th):
+        return 0.5 * ((Xv @ w - yv) ** 2).mean()
+
+    full = torch.arange(n)
+    phi = P.proximal_gradient(lambda w, th: batch_loss(w, th, full), prox, 1 / L)
+    w, info = N.solve_fixed_point(phi, torch.zeros(d), theta, tol=1e-15)
+    assert info.converged and 0 < int((w != 0).sum()) < d
+    exact = bilevel.hypergrad(outer, w, theta, fixed_point=phi, solver=bilevel.Dense())
+    comp = N.proximal_gradient_composite(batch_loss, prox, 1 / L)
+    return dict(phi=phi, comp=comp, outer=outer, w=w, theta=theta, exact=exact, full=full, n=n,
+                batch_loss=batch_loss, prox=prox, L=L, X=X)
+
+
+@pytest.fixture(scope="module")
+def pb():
+    return _problem()
+
+
+def _random_batches(n, size, seed):
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        yield torch.randint(0, n, (size,), generator=g)
+
+
+def test_full_batch_unit_step_is_aid_fixed_point(pb):
+    # large-batch limit, exactly: every batch the full data, η_i = 1 -> AID-FP, step for step
+    for k in (3, 80):
+        a = N.nsid(pb["outer"], pb["w"], pb["theta"], fixed_point=pb["comp"], batches=[pb["full"]],
+                   mean_batch=pb["full"], steps=k, step_size=1.0)
+        b = bilevel.hypergrad(pb["outer"], pb["w"], pb["theta"], fixed_point=pb["phi"],
+                              solver=bilevel.FixedPoint(maxiter=k, tol=0.0))
+        assert rel_err(a, b) <= 1e-13
+    assert rel_err(a, pb["exact"]) <= 1e-10
+
+
+def test_full_batches_with_paper_steps_converge_to_the_deterministic_value(pb):
+    # default steps η_i = β/(γ + i), β = γ = 2/(1 − q²); with noiseless (full) batches the error
+    # is ∏(1 − η_i(1 − q)) ~ k^(−β(1−q)), faster than 1/k
+    errs = []
+    for k in (100, 300):
+        hg, info = N.nsid(pb["outer"], pb["w"], pb["theta"], fixed_point=pb["comp"], batches=[pb["full"]],
+                          mean_batch=pb["full"], steps=k, return_info=True)
+        errs.append(rel_err(hg, pb["exact"]))
+    assert 0.3 < info.q < 1 and info.samples == 300 * 500 and info.mean_samples == 500
+    assert errs[1] <= 5e-3 and errs[1] <= errs[0] / 3 ** 0.9
+
+
+def test_error_decreases_at_least_at_the_papers_rate(pb):
+    # E‖∇̂F − ∇F‖² = O(1/k) with w exact (Grazzi, Pontil & Salzo 2024): going from k to 16k
+    # steps must cut the mean squared error by >= 16^0.8; a biased estimator plateaus instead.
+    # Batches of 50, so that each minibatch map is a contraction as the analysis assumes.
+    reps, ks = 4, (50, 800)
+    mse = []
+    for k in ks:
+        tot = 0.0
+        for seed in range(reps):
+            hg = N.nsid(pb["outer"], pb["w"], pb["theta"], fixed_point=pb["comp"],
+                        batches=_random_batches(pb["n"], 50, 100 + seed), mean_batch=pb["full"], steps=k)
+            tot += float(((hg - pb["exact"]) ** 2).sum())
+        mse.append(tot / reps)
+    slope = math.log(mse[1] / mse[0]) / math.log(ks[1] / ks[0])
+    assert slope <= -0.8, (mse, slope)
+    assert mse[1] / float((pb["exact"] ** 2).sum()) <= 1e-4
+
+
+def test_stochastic_inner_solver_then_nsid(pb):
+    mu = torch.linalg.eigvalsh(pb["X"].T @ pb["X"] / pb["n"]).min().item()
+    sched = N.DecreasingStep(2 / mu, 2 * pb["L"] / mu)  # η_0 = 1/L
+    errs = []
+    for steps in (100, 3000):
+        w, samples = N.stochastic_proximal_gradient(
+            pb["batch_loss"], pb["prox"], torch.zeros(5), pb["theta"],
+            _random_batches(pb["n"], 10, 7), steps=steps, step_size=sched)
+        assert samples == 10 * steps
+        errs.append(float((w - pb["w"]).norm() / pb["w"].norm()))
+    assert errs[1] < 0.03 and errs[1] < errs[0] / 3
+    hg = N.nsid(pb["outer"], w, pb["theta"], fixed_point=pb["comp"],
+                batches=_random_batches(pb["n"], 10, 8), mean_batch=pb["full"], steps=500)
+    assert rel_err(hg, pb["exact"]) <= 0.1
+
+
+def test_dataloader_batches_and_warm_start(pb):
+    ds = torch.utils.data.TensorDataset(pb["full"])
+    loader = torch.utils.data.DataLoader(ds, batch_size=100, shuffle=True,
+                                         generator=torch.Generator().manual_seed(0))
+    comp = N.proximal_gradient_composite(lambda w, th, b: pb["batch_loss"](w, th, b[0]), pb["prox"],
+                                         1 / pb["L"])
+    hg, info = N.nsid(pb["outer"], pb["w"], pb["theta"], fixed_point=comp, batches=loader,
+                      mean_batch=[pb["full"]], steps=60, return_info=True)  # 12 epochs, cycled
+    assert info.samples == 6000 and rel_err(hg, pb["exact"]) <= 0.05
+    hg2 = N.nsid(pb["outer"], pb["w"], pb["theta"], fixed_point=comp, batches=loader,
+                 mean_batch=[pb["full"]], steps=20, init=info.v, step_size=N.DecreasingStep(1.0, 60.0))
+    assert rel_err(hg2, pb["exact"]) <= 0.05
+
+
+def test_schedule():
+    s = N.DecreasingStep.for_contraction(0.5)
+    assert s.beta == s.gamma == pytest.approx(2 / 0.75) and s(0) == pytest.approx(1.0)
+    assert s(10) == pytest.approx(s.beta / (s.gamma + 10))
+    with pytest.raises(ValueError, match="contraction"):
+        N.DecreasingStep.for_contraction(1.0)
+    with pytest.raises(ValueError, match="beta"):
+        N.DecreasingStep(-1.0, 2.0)
+
+
+def test_bad_input(pb):
+    kw = dict(fixed_point=pb["comp"], mean_batch=pb["full"], steps=5)
+    args = (pb["outer"], pb["w"], pb["theta"])
+    with pytest.raises(ValueError, match="empty"):
+        N.nsid(*args, batches=[], **kw)
+    with pytest.raises(ValueError, match="ran out"):
+        N.nsid(*args, batches=iter([pb["full"]] * 2), **kw)
+    with pytest.raises(ValueError, match=r"\(0, 1\]"):
+        N.nsid(*args, batches=[pb["full"]], step_size=N.DecreasingStep(4.0, 1.0), **kw)
+    with pytest.raises(TypeError, match="CompositeMap"):
+        N.nsid(*args, batches=[pb["full"]], fixed_point=pb["phi"], mean_batch=pb["full"], steps=5)
+    with pytest.raises(ValueError, match="steps"):
+        N.nsid(*args, batches=[pb["full"]], fixed_point=pb["comp"], mean_batch=pb["full"], steps=0)
+    with pytest.raises(ValueError, match="NaN"):
+        N.nsid(pb["outer"], pb["w"], torch.tensor([math.nan, 0.0]), batches=[pb["full"]], **kw)
+    with pytest.raises(ValueError, match=">= 0"):  # a negative strength reaches the prox
+        bad = N.proximal_gradient_composite(
+            pb["batch_loss"], lambda u, th, e: P.soft_threshold(u, e * th[0]), 1 / pb["L"])
+        N.nsid(*args[:2], torch.tensor([-1.0, 0.0]), batches=[pb["full"]], fixed_point=bad,
+               mean_batch=pb["full"], steps=5)
+    # a step that breaks the contraction: the default schedule refuses it
+    too_big = N.proximal_gradient_composite(pb["batch_loss"], pb["prox"], 3 / pb["L"])
+    with pytest.raises(ValueError, match="contraction"):
+        N.nsid(*args, batches=[pb["full"]], fixed_point=too_big, mean_batch=pb["full"], steps=5)
+    # ... and the stochastic inner solver reports divergence instead of returning garbage
+    with pytest.raises(bilevel.NotContractionError, match="step"):
+        N.stochastic_proximal_gradient(pb["batch_loss"], pb["prox"], torch.ones(5), pb["theta"],
+                                       _random_batches(pb["n"], 10, 0), steps=3000, step_size=5 / pb["L"])
+    with pytest.raises(ValueError, match="step_size"):
+        N.stochastic_proximal_gradient(pb["batch_loss"], pb["prox"], torch.ones(5), pb["theta"],
+                                       [pb["full"]], steps=3, step_size=-1.0)
