@@ -16,6 +16,16 @@ from bilevel.linear_solve import (
     solve,
 )
 from bilevel.minimize import MinimizeInfo, newton_cg
+from bilevel.outer import AIDBilevel, Box, ITDBilevel, OuterInfo, OuterState, StochasticBilevel
+from bilevel.stochastic import (
+    BatchStream,
+    ConstantStep,
+    DataExhaustedError,
+    DecreasingStep,
+    SIDInfo,
+    sid,
+    stochastic_fixed_point,
+)
 from bilevel.unroll import forward_hypergrad, unroll
 
 __version__ = "0.1.0"
@@ -39,4 +49,17 @@ __all__ = [
     "Dense",
     "SolverError",
     "NotContractionError",
+    "sid",
+    "SIDInfo",
+    "stochastic_fixed_point",
+    "ConstantStep",
+    "DecreasingStep",
+    "BatchStream",
+    "DataExhaustedError",
+    "StochasticBilevel",
+    "AIDBilevel",
+    "ITDBilevel",
+    "Box",
+    "OuterState",
+    "OuterInfo",
 ]

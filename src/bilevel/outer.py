@@ -1,0 +1,388 @@
+"""Bilevel solvers: outer loops of (projected, inexact) hypergradient descent.
+
+Each solver is a frozen dataclass holding the problem's functions and its options, with
+
+    state = solver.init(hparams)
+    state, info = solver.step(state)          # one outer step; the loop is yours
+    state, infos = solver.run(hparams, steps) # or all of them
+
+and the update ``λ_{s+1} = P(λ_s − α_s ĝ_s)``, ``ĝ_s`` an estimate of ``∇F(λ_s)``, ``P`` the
+optional ``projection`` (a callable on the hparams pytree, or a :class:`Box`), ``α_s`` from
+``lr`` (a float, :class:`~bilevel.stochastic.ConstantStep` or
+:class:`~bilevel.stochastic.DecreasingStep`).
+
+* :class:`StochasticBilevel` — SID hypergradients (:func:`bilevel.sid`) from minibatches.
+  ``warm_start=False`` is the method of Grazzi, Pontil, Salzo, "Bilevel Optimization with
+  a Lower-level Contraction: Optimal Sample Complexity without Warm-start" (JMLR 2023):
+  every outer step runs the (stochastic) fixed-point iterations from the same
+  ``params0`` and the linear system from 0; with minibatches of size O(1/ε) and
+  O(log 1/ε) inner/linear steps it reaches ``E‖∇F‖² ≤ ε`` with O(ε⁻²) samples (Õ for
+  the log factors), the order of single-level SGD.  ``warm_start=True`` carries the inner
+  iterate ``w`` and the linear iterate ``v`` across outer steps (AmIGO, Arbel & Mairal
+  2022; stocBiO, Ji et al. 2021): few inner/linear steps per outer step.
+* :class:`AIDBilevel` — deterministic reference: ``inner_steps`` full-batch fixed-point
+  (gradient) steps, then :func:`bilevel.hypergrad` with a linear solver value.
+* :class:`ITDBilevel` — deterministic reference: reverse mode through the inner steps
+  (:func:`bilevel.unroll`).
+
+Each step reports :class:`OuterInfo`: the hypergradient-estimate norm, inner and linear
+residual estimates, the outer loss and the samples used.  Deterministic solvers count
+``data_size`` samples per full-data evaluation of the map (default 1: evaluations).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+
+from bilevel import _tree as T
+from bilevel.implicit import _leaves, _scalar, hypergrad
+from bilevel.linear_solve import CG, FixedPoint, Solver, _item, check_solver
+from bilevel.stochastic import (
+    BatchStream,
+    StepSize,
+    _check_diverged,
+    _check_steps,
+    _one_form,
+    as_step_size,
+    as_stream,
+    sid,
+)
+from bilevel.unroll import unroll
+
+__all__ = ["Box", "OuterState", "OuterInfo", "StochasticBilevel", "AIDBilevel", "ITDBilevel"]
+
+Leaves = list[torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Box:
+    """Projection onto ``{λ : lower ≤ λ ≤ upper}``, elementwise on every hparams leaf.
+
+    ``lower``/``upper``: floats, or tensors broadcastable to every leaf (one-tensor hparams).
+    For per-leaf boxes of a pytree pass a callable ``projection`` instead.
+    """
+
+    lower: float | torch.Tensor = -math.inf
+    upper: float | torch.Tensor = math.inf
+
+    def __post_init__(self) -> None:
+        if not bool(torch.all(torch.as_tensor(self.lower) <= torch.as_tensor(self.upper))):
+            raise ValueError(f"Box: lower should be <= upper, got lower={self.lower!r}, upper={self.upper!r}.")
+
+    def __call__(self, hparams: Any) -> Any:
+        def clamp(t: torch.Tensor) -> torch.Tensor:
+            lo = self.lower if isinstance(self.lower, torch.Tensor) else torch.tensor(self.lower, dtype=t.dtype)
+            hi = self.upper if isinstance(self.upper, torch.Tensor) else torch.tensor(self.upper, dtype=t.dtype)
+            return torch.clamp(t, min=lo.to(t), max=hi.to(t))
+
+        return T.tree_map(clamp, hparams)
+
+
+@dataclass(frozen=True)
+class OuterState:
+    """The carry of an outer loop.
+
+    ``hparams``: current λ; ``params``: the last inner iterate and ``v`` the last
+    linear-system iterate (the starts of the next step when warm-starting); ``step``: outer
+    steps taken; ``samples``: samples used so far; ``streams``: the (inner, outer)
+    :class:`~bilevel.stochastic.BatchStream` of a stochastic solver (``None`` otherwise).
+    """
+
+    hparams: Any
+    params: Any
+    v: Any
+    step: int
+    samples: int
+    streams: tuple[BatchStream, BatchStream] | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class OuterInfo:
+    """One outer step: ``step`` (index of the λ it was computed at), ``hypergrad_norm``
+    (``‖ĝ_s‖``), ``inner_residual`` and ``linear_residual`` (estimates; ``nan`` where a
+    method has no linear system), ``outer_loss`` (at ``w_s``), ``samples`` (this step) and
+    ``total_samples`` (so far)."""
+
+    step: int
+    hypergrad_norm: float
+    inner_residual: float
+    linear_residual: float
+    outer_loss: float
+    samples: int
+    total_samples: int
+
+
+def _check_projection(projection: Any) -> None:
+    if projection is not None and not callable(projection):
+        raise TypeError(f"projection should be None, a Box(lower, upper) or a callable on hparams, not {projection!r}.")
+
+
+def _descend(
+    hparams: Any, hg: Any, lr: StepSize, s: int, projection: Callable[[Any], Any] | None
+) -> Any:
+    """λ − α_s ĝ, then the projection (checked to keep the structure of λ)."""
+    lam, spec = T.tree_flatten(hparams)
+    return _project(projection, T.tree_unflatten(T.axpy(-lr(s), T.tree_flatten(hg)[0], lam), spec))
+
+
+def _project(projection: Callable[[Any], Any] | None, hparams: Any) -> Any:
+    """P(λ), checked to keep the structure and shapes of λ."""
+    if projection is None:
+        return hparams
+    lam, spec = T.tree_flatten(hparams)
+    out = projection(hparams)
+    leaves, ospec = T.tree_flatten(out)
+    if ospec != spec or any(not isinstance(a, torch.Tensor) or a.shape != b.shape for a, b in zip(leaves, lam)):
+        raise ValueError(
+            f"projection(hparams) should return a pytree shaped like hparams ({T.describe(hparams)}), "
+            f"got {T.describe(out)}."
+        )
+    return T.tree_unflatten([t.detach() for t in leaves], spec)
+
+
+def _start(hparams: Any, params0: Any, projection: Any) -> Any:
+    _leaves(hparams, "hparams")
+    _leaves(params0, "params0")
+    return _project(projection, T.tree_map(lambda t: t.detach().clone(), hparams))
+
+
+class _Loop:
+    """``run`` for every solver: ``steps`` calls of ``step`` after ``init``."""
+
+    def init(self, hparams: Any) -> OuterState:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def step(self, state: OuterState) -> tuple[OuterState, OuterInfo]:  # pragma: no cover
+        raise NotImplementedError
+
+    def run(self, hparams: Any, steps: int) -> tuple[OuterState, list[OuterInfo]]:
+        """``init(hparams)`` then ``steps`` outer steps; returns the last state and every info."""
+        _check_steps(steps=(steps, 0))
+        state, infos = self.init(hparams), []
+        for _ in range(steps):
+            state, info = self.step(state)
+            infos.append(info)
+        return state, infos
+
+
+@dataclass(frozen=True)
+class StochasticBilevel(_Loop):
+    """Projected inexact hypergradient descent with SID hypergradients.
+
+    Each step: ``ĝ_s = sid(...)`` at ``λ_s`` (``inner_steps`` stochastic fixed-point
+    iterations, ``linear_steps`` on the linear system, λ-part over ``hparam_batches``
+    batches), then ``λ_{s+1} = P(λ_s − α_s ĝ_s)``.  ``warm_start=False`` (JMLR 2023,
+    Grazzi, Pontil, Salzo): the iterations start from ``params0`` and ``v = 0`` at every
+    step.  ``warm_start=True``: from the previous step's ``w`` and ``v``.  The user
+    functions take a batch: ``outer_loss(params, hparams, batch)`` and
+    ``fixed_point(params, hparams, batch)`` or ``inner_loss(params, hparams, batch)``;
+    ``batches``/``outer_batches`` as in :func:`bilevel.sid` (streams are opened by ``init``
+    and carried in the state, so successive steps see successive batches).
+    """
+
+    outer_loss: Callable[[Any, Any, Any], torch.Tensor]
+    params0: Any
+    batches: Iterable[Any]
+    fixed_point: Callable[[Any, Any, Any], Any] | None = None
+    inner_loss: Callable[[Any, Any, Any], torch.Tensor] | None = None
+    outer_batches: Iterable[Any] | None = None
+    lr: StepSize | float = 0.1
+    inner_steps: int = 10
+    linear_steps: int = 10
+    hparam_batches: int = 1
+    inner_step_size: StepSize | float = 1.0
+    linear_step_size: StepSize | float = 1.0
+    warm_start: bool = False
+    projection: Callable[[Any], Any] | None = None
+
+    def __post_init__(self) -> None:
+        _one_form(self.inner_loss, self.fixed_point)
+        _check_steps(inner_steps=(self.inner_steps, 0), linear_steps=(self.linear_steps, 1),
+                     hparam_batches=(self.hparam_batches, 1))
+        for name in ("lr", "inner_step_size", "linear_step_size"):
+            as_step_size(getattr(self, name), name)
+        _check_projection(self.projection)
+
+    def init(self, hparams: Any) -> OuterState:
+        lam = _start(hparams, self.params0, self.projection)
+        inner = as_stream(self.batches)
+        outer = inner if self.outer_batches is None else as_stream(self.outer_batches)
+        return OuterState(lam, self.params0, None, 0, 0, (inner, outer))
+
+    def step(self, state: OuterState) -> tuple[OuterState, OuterInfo]:
+        if state.streams is None:
+            raise ValueError("this state has no data streams: create it with StochasticBilevel.init(hparams).")
+        inner, outer = state.streams
+        warm = self.warm_start and state.v is not None
+        hg, info = sid(
+            self.outer_loss,
+            state.params if warm else self.params0,
+            state.hparams,
+            inner,
+            fixed_point=self.fixed_point,
+            inner_loss=self.inner_loss,
+            outer_batches=outer,
+            inner_steps=self.inner_steps,
+            linear_steps=self.linear_steps,
+            hparam_batches=self.hparam_batches,
+            inner_step_size=self.inner_step_size,
+            linear_step_size=self.linear_step_size,
+            v0=state.v if warm else None,
+            return_info=True,
+        )
+        lam = _descend(state.hparams, hg, as_step_size(self.lr, "lr"), state.step, self.projection)
+        total = state.samples + info.samples
+        out = OuterInfo(state.step, _item(T.norm(T.tree_flatten(hg)[0])), float(info.inner_residual),
+                        float(info.linear_residual), float(info.outer_loss), info.samples, total)
+        return replace(state, hparams=lam, params=info.params, v=info.v, step=state.step + 1, samples=total), out
+
+
+def _deterministic_inner(
+    fixed_point: Callable[[Any, Any], Any] | None,
+    inner_loss: Callable[[Any, Any], torch.Tensor] | None,
+    eta: float,
+) -> Callable[[Any, Any], Any]:
+    """The full-batch inner step ``w + η(Φ(w, λ) − w)`` (or ``w − η ∇_w g(w, λ)``)."""
+    if inner_loss is not None:
+        grad_w = torch.func.grad(lambda w, lam: _scalar(inner_loss(w, lam), "inner_loss"))
+        return lambda w, lam: T.tree_map(lambda a, b: a - eta * b, w, grad_w(w, lam))
+    if eta == 1.0:
+        return fixed_point  # type: ignore[return-value]
+    return lambda w, lam: T.tree_map(lambda a, b: a + eta * (b - a), w, fixed_point(w, lam))  # type: ignore[misc]
+
+
+@dataclass(frozen=True)
+class AIDBilevel(_Loop):
+    """Deterministic bilevel solver with AID hypergradients (reference for the stochastic ones).
+
+    Each step: ``inner_steps`` full-batch steps ``w ← w + η(Φ(w, λ) − w)`` (or
+    ``w ← w − η ∇_w g``, ``η = inner_step_size``) from ``params0`` (or from the previous
+    ``w`` with ``warm_start=True``), then :func:`bilevel.hypergrad` with ``solver``
+    (default: ``FixedPoint()`` for ``fixed_point``, ``CG()`` for ``inner_loss``; warm
+    started from the previous ``v`` with ``warm_start=True``), then
+    ``λ ← P(λ − α_s ∇F)``.  Functions take ``(params, hparams)`` as in the core.
+    """
+
+    outer_loss: Callable[[Any, Any], torch.Tensor]
+    params0: Any
+    fixed_point: Callable[[Any, Any], Any] | None = None
+    inner_loss: Callable[[Any, Any], torch.Tensor] | None = None
+    lr: StepSize | float = 0.1
+    inner_steps: int = 100
+    inner_step_size: float = 1.0
+    solver: Solver | None = None
+    warm_start: bool = False
+    projection: Callable[[Any], Any] | None = None
+    data_size: int = 1
+
+    def __post_init__(self) -> None:
+        _one_form(self.inner_loss, self.fixed_point)
+        _check_steps(inner_steps=(self.inner_steps, 0), data_size=(self.data_size, 1))
+        as_step_size(self.lr, "lr")
+        as_step_size(self.inner_step_size, "inner_step_size")
+        if self.solver is not None:
+            check_solver(self.solver)
+        _check_projection(self.projection)
+
+    def init(self, hparams: Any) -> OuterState:
+        return OuterState(_start(hparams, self.params0, self.projection), self.params0, None, 0, 0)
+
+    def step(self, state: OuterState) -> tuple[OuterState, OuterInfo]:
+        warm = self.warm_start and state.v is not None
+        inner = _deterministic_inner(self.fixed_point, self.inner_loss, float(self.inner_step_size))
+        w = _iterate(inner, state.params if warm else self.params0, state.hparams, self.inner_steps)
+        solver = self.solver or (CG() if self.inner_loss is not None else FixedPoint())
+        hg, hinfo = hypergrad(
+            self.outer_loss, w, state.hparams, inner_loss=self.inner_loss, fixed_point=self.fixed_point,
+            solver=solver, init=state.v if warm else None, return_info=True,
+        )
+        lam = _descend(state.hparams, hg, as_step_size(self.lr, "lr"), state.step, self.projection)
+        used = self.data_size * (self.inner_steps + hinfo.iterations + 2)  # + ∇f and the λ-part
+        total = state.samples + used
+        out = OuterInfo(state.step, _item(T.norm(T.tree_flatten(hg)[0])), float(hinfo.inner_residual),
+                        float(hinfo.residual), float(hinfo.outer_loss), used, total)
+        return replace(state, hparams=lam, params=w, v=hinfo.v, step=state.step + 1, samples=total), out
+
+
+def _iterate(step: Callable[[Any, Any], Any], w0: Any, hparams: Any, steps: int) -> Any:
+    w = T.tree_map(lambda t: t.detach(), w0)
+    lam = T.tree_map(lambda t: t.detach(), hparams)
+    if not steps:
+        return w
+    first = last = None
+    with torch.no_grad():
+        for t in range(steps):
+            new = step(w, lam)
+            d = T.norm(T.sub(T.tree_flatten(new)[0], T.tree_flatten(w)[0]))
+            first = d if t == 0 else first
+            last, w = d, new
+    _check_diverged(T.tree_flatten(w)[0], first, last, "the inner fixed-point iterations")
+    return w
+
+
+@dataclass(frozen=True)
+class ITDBilevel(_Loop):
+    """Deterministic bilevel solver with ITD hypergradients (reference).
+
+    Each step: ``w_T`` from ``inner_steps`` steps of ``w ← w + η(Φ(w, λ) − w)`` (or
+    ``w − η ∇_w g``) by :func:`bilevel.unroll` (``truncate=K``: back-propagate through the
+    last K only), ``∇F ≈ d f(w_T(λ), λ)/dλ`` by reverse mode, then ``λ ← P(λ − α_s ∇F)``.
+    ``warm_start=True`` starts the unroll from the previous ``w_T`` (detached).  The
+    linear residual is ``nan`` (no linear system); the inner residual is
+    ``‖Φ(w_T, λ) − w_T‖`` (or ``‖∇_w g‖``).
+    """
+
+    outer_loss: Callable[[Any, Any], torch.Tensor]
+    params0: Any
+    fixed_point: Callable[[Any, Any], Any] | None = None
+    inner_loss: Callable[[Any, Any], torch.Tensor] | None = None
+    lr: StepSize | float = 0.1
+    inner_steps: int = 100
+    inner_step_size: float = 1.0
+    truncate: int | None = None
+    warm_start: bool = False
+    projection: Callable[[Any], Any] | None = None
+    data_size: int = 1
+
+    def __post_init__(self) -> None:
+        _one_form(self.inner_loss, self.fixed_point)
+        _check_steps(inner_steps=(self.inner_steps, 1), data_size=(self.data_size, 1))
+        as_step_size(self.lr, "lr")
+        as_step_size(self.inner_step_size, "inner_step_size")
+        _check_projection(self.projection)
+
+    def init(self, hparams: Any) -> OuterState:
+        return OuterState(_start(hparams, self.params0, self.projection), self.params0, None, 0, 0)
+
+    def step(self, state: OuterState) -> tuple[OuterState, OuterInfo]:
+        inner = _deterministic_inner(self.fixed_point, self.inner_loss, float(self.inner_step_size))
+        w0 = state.params if (self.warm_start and state.step > 0) else self.params0
+        w0 = T.tree_map(lambda t: t.detach(), w0)
+        lam_leaves, lspec = T.tree_flatten(state.hparams)
+        lam_leaves = [t.detach().requires_grad_() for t in lam_leaves]
+        with torch.enable_grad():
+            lam = T.tree_unflatten(lam_leaves, lspec)
+            w_t = unroll(inner, w0, lam, self.inner_steps, truncate=self.truncate)
+            loss = _scalar(self.outer_loss(w_t, lam), "outer_loss")
+            grads = torch.autograd.grad(loss, lam_leaves, allow_unused=True)
+        hg = [torch.zeros_like(x) if g is None else g.detach() for g, x in zip(grads, lam_leaves)]
+        w_leaves = [t.detach() for t in T.tree_flatten(w_t)[0]]
+        w_det = T.tree_unflatten(w_leaves, T.tree_flatten(w_t)[1])
+        with torch.no_grad():
+            lam_det = T.tree_unflatten([t.detach() for t in lam_leaves], lspec)
+            # the step is η(Φ(w) − w) (or −η∇_w g): divide by η for ‖Φ(w) − w‖ (or ‖∇_w g‖)
+            step = T.sub(T.tree_flatten(inner(w_det, lam_det))[0], w_leaves)
+            res = T.norm(step) / float(self.inner_step_size)
+        if not all(bool(torch.isfinite(t).all()) for t in hg):
+            raise ValueError("NaN or Inf in the ITD hypergradient: lower inner_step_size or check the losses.")
+        new_lam = _descend(state.hparams, T.tree_unflatten(hg, lspec), as_step_size(self.lr, "lr"), state.step,
+                           self.projection)
+        used = self.data_size * (2 * self.inner_steps + 2)  # forward + backward through the unroll
+        total = state.samples + used
+        out = OuterInfo(state.step, _item(T.norm(hg)), _item(res), math.nan, _item(loss.detach()), used, total)
+        return replace(state, hparams=new_lam, params=w_det, v=None, step=state.step + 1, samples=total), out

@@ -1,0 +1,509 @@
+"""Stochastic hypergradients (SID) and stochastic fixed-point iterations.
+
+The inner problem is only reachable through minibatch estimates.  Fixed-point form::
+
+    w(λ) = Φ(w(λ), λ),   Φ(w, λ) = E_ξ Φ̂(w, λ, ξ)   (Φ a contraction in w)
+
+or optimality form ``∇_w g(w(λ), λ) = 0`` with ``g(w, λ) = E_ξ ĝ(w, λ, ξ)``, and the outer
+loss ``f(w, λ) = E_ζ f̂(w, λ, ζ)``.  SID (Grazzi, Pontil, Salzo, "Convergence Properties of
+Stochastic Hypergradients", AISTATS 2021) estimates ``∇F(λ)`` in three stages:
+
+1. stochastic fixed-point iterations (SGD for an ``inner_loss``), ``t < inner_steps``::
+
+       w_{t+1} = w_t + η_t (Φ̂(w_t, λ, ξ_t) − w_t)        (or w_t − η_t ∇_w ĝ(w_t, λ, ξ_t))
+
+2. the same iterations on the linear system of the implicit function theorem at ``w = w_t``,
+   ``k < linear_steps``, each with a fresh inner batch ``ζ_k`` and outer batch ``ζ'_k``::
+
+       v_{k+1} = v_k + η_k (∂_wΦ̂(w, λ, ζ_k)ᵀ v_k + ∇_w f̂(w, λ, ζ'_k) − v_k)
+               (or v_k + η_k (∇_w f̂(w, λ, ζ'_k) − ∇²_w ĝ(w, λ, ζ_k) v_k))
+
+3. the λ-part averaged over ``hparam_batches`` fresh batch pairs::
+
+       ∇̂F(λ) = mean_j [∇_λ f̂(w, λ, ζ'_j) + ∂_λΦ̂(w, λ, ξ_j)ᵀ v]   (or − ∂²_{λw} ĝᵀ v)
+
+Step sizes are values: :class:`ConstantStep` (``η_t = η``; ``η = 1`` with a minibatch map
+is the plain minibatch fixed-point iteration of Grazzi, Pontil, Salzo, JMLR 2023) or
+:class:`DecreasingStep` (``η_t = β/(γ + t)``, the O(1/t) mean-square-error schedule of
+AISTATS 2021).  With the fixed-point form, ``η_t ≤ 1`` keeps every step an average of
+contractions; with an ``inner_loss`` the step is a learning rate (``η < 2/L``).
+
+Data: any iterable of batches (a ``torch.utils.data.DataLoader``, a list of tensors, a
+generator).  User functions take the batch as a third argument:
+``fixed_point(params, hparams, batch)``, ``inner_loss(params, hparams, batch)``,
+``outer_loss(params, hparams, batch)``.  One batch is drawn per step from a
+:class:`BatchStream`.  When the iterable runs out it is iterated again from the start if
+it is re-iterable (``iter(x) is not x``: a DataLoader, a list: one more epoch); a one-shot
+iterator (a generator, ``iter(...)``) raises :class:`DataExhaustedError`, and so does an
+iterable that yields no batch at all.  Wrap an infinite generator, or pass the same
+:class:`BatchStream` to successive calls so that they continue where the last one stopped.
+
+Every vjp closure is built once per batch with :func:`bilevel.implicit.implicit_operator`
+(the same IFT code as the deterministic :func:`bilevel.hypergrad`); ``params``/``hparams``
+are tensors or pytrees of tensors (an ``nn.Module`` through
+``torch.func.functional_call(model, params, ...)``, as in the core).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.func import grad, vjp
+
+from bilevel import _tree as T
+from bilevel.implicit import _check_input_finite, _leaves, _scalar, implicit_operator
+from bilevel.linear_solve import _DIVERGENCE_FACTOR, NotContractionError, SolverError, _item
+
+__all__ = [
+    "ConstantStep",
+    "DecreasingStep",
+    "StepSize",
+    "BatchStream",
+    "DataExhaustedError",
+    "SIDInfo",
+    "sid",
+    "stochastic_fixed_point",
+]
+
+Leaves = list[torch.Tensor]
+
+
+class DataExhaustedError(ValueError):
+    """The batch iterable yielded no batch, or a one-shot iterator ran out."""
+
+
+def _check_positive(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+        math.isfinite(value) and value > 0
+    ):
+        raise ValueError(f"{name} should be a finite float > 0, not {value!r}.")
+
+
+@dataclass(frozen=True)
+class ConstantStep:
+    """Constant step size ``η_t = eta``."""
+
+    eta: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check_positive("ConstantStep: eta", self.eta)
+
+    def __call__(self, t: int) -> float:
+        return float(self.eta)
+
+
+@dataclass(frozen=True)
+class DecreasingStep:
+    """Decreasing step size ``η_t = beta / (gamma + t)``, ``t = 0, 1, ...``.
+
+    The schedule of Grazzi, Pontil, Salzo (AISTATS 2021): for a map that is a
+    q-contraction in expectation, ``beta`` large enough w.r.t. ``1/(1 − q)`` gives a mean
+    squared error ``O(1/t)``; ``gamma`` delays the decay (``η_0 = beta/gamma``).
+    """
+
+    beta: float = 1.0
+    gamma: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check_positive("DecreasingStep: beta", self.beta)
+        _check_positive("DecreasingStep: gamma", self.gamma)
+
+    def __call__(self, t: int) -> float:
+        return float(self.beta) / (float(self.gamma) + t)
+
+
+StepSize = ConstantStep | DecreasingStep
+
+
+def as_step_size(value: Any, name: str) -> StepSize:
+    """A step-size value from a schedule or a positive float (then constant)."""
+    if isinstance(value, (ConstantStep, DecreasingStep)):
+        return value
+    if isinstance(value, type) and issubclass(value, (ConstantStep, DecreasingStep)):
+        raise TypeError(f"{name} should be a step-size value, not the class: write {value.__name__}(...).")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(
+            f"{name} should be a float > 0, ConstantStep(eta) or DecreasingStep(beta, gamma); got {value!r}."
+        )
+    _check_positive(name, value)
+    return ConstantStep(float(value))
+
+
+def _batch_size(batch: Any) -> int:
+    """Samples in a batch: leading dimension of its first tensor (0-d: 1; no tensor: 0)."""
+    for leaf in T.tree_flatten(batch)[0]:
+        if isinstance(leaf, torch.Tensor):
+            return int(leaf.shape[0]) if leaf.dim() > 0 else 1
+    return 0
+
+
+class BatchStream:
+    """Batches drawn one at a time from an iterable, with a count of the samples used.
+
+    ``next()`` returns the next batch.  At the end of the iterable, a re-iterable source
+    (``iter(source) is not source``: DataLoader, list, tuple) starts again from its
+    beginning; a one-shot iterator raises :class:`DataExhaustedError`, as does a source
+    that yields nothing.  ``samples`` counts the leading dimension of each batch's first
+    tensor; ``batches`` the batches drawn; ``epochs`` the completed passes.
+    """
+
+    def __init__(self, source: Iterable[Any]):
+        if isinstance(source, BatchStream):
+            raise TypeError("source is already a BatchStream: pass it as is, do not wrap it.")
+        try:
+            self._it: Iterator[Any] = iter(source)
+        except TypeError:
+            raise TypeError(
+                f"batches should be an iterable of batches (a DataLoader, a list, a generator), "
+                f"not {type(source).__name__}."
+            ) from None
+        self._source = source
+        self._reiterable = self._it is not source
+        self._since_restart = 0
+        self.samples = 0
+        self.batches = 0
+        self.epochs = 0
+
+    def __iter__(self) -> BatchStream:
+        return self
+
+    def __next__(self) -> Any:
+        return self.next()
+
+    def next(self) -> Any:
+        try:
+            batch = next(self._it)
+        except StopIteration:
+            batch = self._restart()
+        self._since_restart += 1
+        self.batches += 1
+        self.samples += _batch_size(batch)
+        return batch
+
+    def _restart(self) -> Any:
+        if self._since_restart == 0:
+            raise DataExhaustedError(
+                "the batch iterable yielded no batch: it is empty (an empty DataLoader/list, "
+                "or an iterator already consumed). Pass a non-empty iterable of batches."
+            )
+        if not self._reiterable:
+            raise DataExhaustedError(
+                f"the batch iterator ran out after {self._since_restart} batches and cannot be "
+                "restarted (it is a one-shot iterator, e.g. a generator). Pass a re-iterable "
+                "source (a DataLoader, a list) to loop over epochs, an infinite generator, or "
+                "fewer steps."
+            )
+        self.epochs += 1
+        self._since_restart = 0
+        self._it = iter(self._source)
+        try:
+            return next(self._it)
+        except StopIteration:
+            raise DataExhaustedError(
+                "the batch iterable yielded no batch when iterated again: it is empty now."
+            ) from None
+
+
+def as_stream(batches: Iterable[Any] | BatchStream) -> BatchStream:
+    """``batches`` itself if it is a :class:`BatchStream`, else a new one over it."""
+    return batches if isinstance(batches, BatchStream) else BatchStream(batches)
+
+
+@contextmanager
+def _explain_batch(name: str, batch: Any, params: Any, first: bool):
+    """On the first batch, turn a shape error of a user function into a clear ValueError."""
+    if not first:
+        yield
+        return
+    try:
+        yield
+    except (RuntimeError, IndexError) as err:
+        if isinstance(err, SolverError):
+            raise
+        raise ValueError(
+            f"{name}(params, hparams, batch) failed on the first batch ({T.describe(batch)}) "
+            f"with params {T.describe(params)}: {err}. Check that the batches have the shapes "
+            f"{name} expects (e.g. the feature dimension of the data matches params)."
+        ) from err
+
+
+@dataclass(frozen=True)
+class SIDInfo:
+    """What :func:`sid` did.
+
+    ``params``: the inner iterate ``w_t``; ``v``: the linear-system iterate (both shaped
+    like ``params``; pass them back as ``params0=``/``v0=`` to warm-start).
+    ``inner_residual``: mean over the linear-step batches of ``‖Φ̂(w_t, λ, ζ) − w_t‖``
+    (or ``‖∇_w ĝ(w_t, λ, ζ)‖``), an upper estimate of the inner error that includes the
+    sampling noise; ``linear_residual``: ``‖mean_j r_j‖ / ‖mean_j ∇_w f̂_j‖`` over the last
+    half of the linear steps, with ``r_j = ∇_w f̂ − (I − ∂_wΦ̂)ᵀ v_j`` (or ``∇_w f̂ − Ĥ v_j``);
+    ``outer_loss``: mean of ``f̂`` over the λ-part batches; ``samples``: samples drawn from
+    both streams by this call.
+    """
+
+    params: Any
+    v: Any
+    inner_residual: float | torch.Tensor
+    linear_residual: float | torch.Tensor
+    outer_loss: float | torch.Tensor
+    samples: int
+
+
+def _check_steps(**steps: Any) -> None:
+    for name, (value, low) in steps.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} should be an int >= {low}, not {value!r}.")
+
+
+def _one_form(inner_loss: Any, fixed_point: Any) -> None:
+    if (inner_loss is None) == (fixed_point is None):
+        raise ValueError(
+            "pass exactly one of fixed_point= (w = E Φ̂(w, λ, batch)) or inner_loss= "
+            "(∇_w E ĝ(w, λ, batch) = 0)."
+        )
+
+
+def _inner_update(
+    fixed_point: Callable[..., Any] | None,
+    inner_loss: Callable[..., torch.Tensor] | None,
+    wspec: Any,
+    lspec: Any,
+) -> Callable[[Leaves, Leaves, Any], Leaves]:
+    """(w, λ, batch) -> the step direction Φ̂(w, λ, batch) − w (or −∇_w ĝ(w, λ, batch))."""
+    if inner_loss is not None:
+
+        def g(wl: Leaves, ll: Leaves, batch: Any) -> torch.Tensor:
+            out = inner_loss(T.tree_unflatten(list(wl), wspec), T.tree_unflatten(list(ll), lspec), batch)
+            return _scalar(out, "inner_loss")
+
+        grad_w = grad(g)
+
+        def direction(w: Leaves, lam: Leaves, batch: Any) -> Leaves:
+            return [-t for t in grad_w(w, lam, batch)]
+
+        return direction
+
+    def residual(w: Leaves, lam: Leaves, batch: Any) -> Leaves:
+        out = fixed_point(T.tree_unflatten(list(w), wspec), T.tree_unflatten(list(lam), lspec), batch)
+        leaves, ospec = T.tree_flatten(out)
+        if ospec != wspec or any(not isinstance(o, torch.Tensor) or o.shape != x.shape for o, x in zip(leaves, w)):
+            raise ValueError(
+                "fixed_point(params, hparams, batch) should return a pytree with the structure "
+                f"and shapes of params ({T.describe(T.tree_unflatten(list(w), wspec))}), got "
+                f"{T.describe(out)}."
+            )
+        return T.sub(leaves, w)
+
+    return residual
+
+
+def _prepare(params0: Any, hparams: Any) -> tuple[Leaves, Any, Leaves, Any]:
+    w, wspec = _leaves(params0, "params0")
+    lam, lspec = _leaves(hparams, "hparams")
+    dtypes = {t.dtype for t in w + lam}
+    if len(dtypes) > 1:
+        raise TypeError(
+            f"params0 and hparams should share one dtype, got {sorted(map(str, dtypes))}: "
+            "cast them with .to(torch.float64) (or float32)."
+        )
+    w = [t.detach() for t in w]
+    lam = [t.detach() for t in lam]
+    _check_input_finite(w, "params0")
+    _check_input_finite(lam, "hparams")
+    return w, wspec, lam, lspec
+
+
+def _run_inner(
+    direction: Callable[[Leaves, Leaves, Any], Leaves],
+    w: Leaves,
+    lam: Leaves,
+    wspec: Any,
+    stream: BatchStream,
+    steps: int,
+    step_size: StepSize,
+    name: str,
+) -> Leaves:
+    first_norm = last_norm = None
+    for t in range(steps):
+        batch = stream.next()
+        with _explain_batch(name, batch, T.tree_unflatten(list(w), wspec), t == 0):
+            d = direction(w, lam, batch)
+        w = T.axpy(step_size(t), d, w)
+        last_norm = T.norm(d)
+        if t == 0:
+            first_norm = last_norm
+    if steps:
+        _check_diverged(w, first_norm, last_norm, f"the stochastic fixed-point iterations on {name}")
+    return w
+
+
+def _check_diverged(x: Leaves, first: Any, last: Any, what: str) -> None:
+    """One host sync at the end of a loop: NaN/Inf or a residual grown by 1e6 is divergence."""
+    try:
+        finite = all(bool(torch.isfinite(t).all()) for t in x)
+        grown = bool(last > _DIVERGENCE_FACTOR * torch.clamp(first, min=torch.finfo(first.dtype).tiny))
+    except RuntimeError:  # batched under vmap
+        return
+    if not finite or grown or not bool(torch.isfinite(last)):
+        raise NotContractionError(
+            f"{what} diverged (the step grew from {_item(first):.3g} to {_item(last):.3g}"
+            f"{'' if finite else ', NaN/Inf in the iterate'}): the averaged map is not a "
+            "contraction at this step size. Use a smaller ConstantStep/DecreasingStep (for an "
+            "inner_loss the step must be < 2/L), or check that the map is a contraction."
+        )
+
+
+def stochastic_fixed_point(
+    params0: Any,
+    hparams: Any,
+    batches: Iterable[Any] | BatchStream,
+    *,
+    fixed_point: Callable[[Any, Any, Any], Any] | None = None,
+    inner_loss: Callable[[Any, Any, Any], torch.Tensor] | None = None,
+    steps: int = 100,
+    step_size: StepSize | float = 1.0,
+) -> Any:
+    """Stochastic fixed-point iterations ``w_{t+1} = w_t + η_t (Φ̂(w_t, λ, ξ_t) − w_t)``.
+
+    Approximates the fixed point ``w(λ) = E_ξ Φ̂(w(λ), λ, ξ)`` of a map that is a
+    contraction in expectation, one batch ``ξ_t`` per step from ``batches`` (see
+    :class:`BatchStream` for what happens when it runs out).  With ``inner_loss=`` it is
+    SGD, ``w_{t+1} = w_t − η_t ∇_w ĝ(w_t, λ, ξ_t)``.  Returns ``w_T`` (detached), shaped
+    like ``params0``.  ``η_t`` from ``step_size`` (:class:`ConstantStep`,
+    :class:`DecreasingStep`, or a float).  Raises :class:`NotContractionError` when the
+    iterates blow up.
+    """
+    _one_form(inner_loss, fixed_point)
+    _check_steps(steps=(steps, 0))
+    eta = as_step_size(step_size, "step_size")
+    w, wspec, lam, lspec = _prepare(params0, hparams)
+    name = "inner_loss" if inner_loss is not None else "fixed_point"
+    w = _run_inner(_inner_update(fixed_point, inner_loss, wspec, lspec), w, lam, wspec, as_stream(batches), steps,
+                   eta, name)
+    return T.tree_unflatten(w, wspec)
+
+
+def sid(
+    outer_loss: Callable[[Any, Any, Any], torch.Tensor],
+    params0: Any,
+    hparams: Any,
+    batches: Iterable[Any] | BatchStream,
+    *,
+    fixed_point: Callable[[Any, Any, Any], Any] | None = None,
+    inner_loss: Callable[[Any, Any, Any], torch.Tensor] | None = None,
+    outer_batches: Iterable[Any] | BatchStream | None = None,
+    inner_steps: int = 100,
+    linear_steps: int = 100,
+    hparam_batches: int = 1,
+    inner_step_size: StepSize | float = 1.0,
+    linear_step_size: StepSize | float = 1.0,
+    v0: Any = None,
+    return_info: bool = False,
+) -> Any:
+    """Stochastic implicit differentiation (SID): an estimate of ``∇F(λ)``.
+
+    ``F(λ) = E f̂(w(λ), λ, ζ)`` with ``w(λ)`` the fixed point of ``E Φ̂(·, λ, ξ)``
+    (``fixed_point=``) or the minimiser of ``E ĝ(·, λ, ξ)`` (``inner_loss=``); pass exactly
+    one.  Runs ``inner_steps`` stochastic fixed-point iterations from ``params0``, then
+    ``linear_steps`` stochastic iterations on ``(I − ∂_wΦ)ᵀ v = ∇_w f`` (or ``H v = ∇_w f``)
+    from ``v0`` (default 0), then averages ``∇_λ f̂ + (∂_λΦ̂)ᵀ v`` (or ``∇_λ f̂ − (∂²_{λw} ĝ)ᵀ
+    v``) over ``hparam_batches`` batches; the module docstring gives the updates.
+    Grazzi, Pontil, Salzo, AISTATS 2021.
+
+    ``batches`` feeds ``Φ̂``/``ĝ`` and ``outer_batches`` (default: the same stream) feeds
+    ``outer_loss(params, hparams, batch)``; for an outer loss that needs no data pass
+    ``outer_batches=[None]``.  ``inner_steps=0`` uses ``params0`` as is.
+
+    Returns a pytree shaped like ``hparams`` (detached), or ``(hypergrad, SIDInfo)`` with
+    ``return_info=True``.  Raises ``ValueError`` for misuse (shapes, steps, empty data),
+    :class:`DataExhaustedError` when a one-shot iterator runs out, and
+    :class:`NotContractionError` when an iteration diverges.
+    """
+    _one_form(inner_loss, fixed_point)
+    _check_steps(inner_steps=(inner_steps, 0), linear_steps=(linear_steps, 1), hparam_batches=(hparam_batches, 1))
+    eta_w = as_step_size(inner_step_size, "inner_step_size")
+    eta_v = as_step_size(linear_step_size, "linear_step_size")
+    w, wspec, lam, lspec = _prepare(params0, hparams)
+    inner = as_stream(batches)
+    outer = inner if outer_batches is None else as_stream(outer_batches)
+    start = inner.samples + (outer.samples if outer is not inner else 0)
+    name = "inner_loss" if inner_loss is not None else "fixed_point"
+
+    # 1. inner problem
+    w = _run_inner(_inner_update(fixed_point, inner_loss, wspec, lspec), w, lam, wspec, inner, inner_steps, eta_w, name)
+    w_tree = T.tree_unflatten(list(w), wspec)
+
+    def f_at(batch: Any) -> Callable[[Leaves, Leaves], torch.Tensor]:
+        def f(wl: Leaves, ll: Leaves) -> torch.Tensor:
+            out = outer_loss(T.tree_unflatten(list(wl), wspec), T.tree_unflatten(list(ll), lspec), batch)
+            return _scalar(out, "outer_loss")
+
+        return f
+
+    def operator(batch: Any):  # the IFT operator of the batch map, vjp closure built once
+        if inner_loss is not None:
+            return implicit_operator(w, lam, wspec, lspec, inner_loss=lambda p, h: inner_loss(p, h, batch))
+        return implicit_operator(w, lam, wspec, lspec, fixed_point=lambda p, h: fixed_point(p, h, batch))
+
+    # 2. linear system, v_{k+1} = v_k + η_k (∇_w f̂ − A_k v_k)
+    if v0 is None:
+        v = T.zeros_like(w)
+    else:
+        v, vspec = T.tree_flatten(v0)
+        if vspec != wspec or any(not isinstance(a, torch.Tensor) or a.shape != b.shape for a, b in zip(v, w)):
+            raise ValueError(f"v0 should be shaped like params0 ({T.describe(w_tree)}), got {T.describe(v0)}.")
+        v = [t.detach() for t in v]
+    tail = max(1, linear_steps // 2)  # residual estimate: mean over the last half
+    r_sum = b_sum = None
+    inner_res = torch.zeros((), dtype=w[0].dtype, device=w[0].device)
+    first_norm = last_norm = None
+    for k in range(linear_steps):
+        zb, ob = inner.next(), outer.next()
+        with _explain_batch(name, zb, w_tree, k == 0):
+            op = operator(zb)
+        with _explain_batch("outer_loss", ob, w_tree, k == 0):
+            gw = grad(f_at(ob))(w, lam)
+        r = T.sub(gw, op.matvec(v))
+        v = T.axpy(eta_v(k), r, v)
+        inner_res = inner_res + op.inner_residual
+        last_norm = T.norm(r)
+        if k == 0:
+            first_norm = last_norm
+        if k >= linear_steps - tail:
+            r_sum = r if r_sum is None else T.add(r_sum, r)
+            b_sum = gw if b_sum is None else T.add(b_sum, gw)
+    _check_diverged(v, first_norm, last_norm, "the stochastic iterations on the linear system")
+
+    # 3. λ-part, averaged over hparam_batches fresh batch pairs
+    hg = T.zeros_like(lam)
+    fsum = torch.zeros((), dtype=w[0].dtype, device=w[0].device)
+    for _ in range(hparam_batches):
+        zb, ob = inner.next(), outer.next()
+        fval, f_vjp = vjp(f_at(ob), w, lam)
+        gl = f_vjp(torch.ones_like(fval))[1]
+        hg = T.add(hg, T.add(gl, operator(zb).cross(v)))
+        fsum = fsum + fval.detach()
+    hg = T.scale(1.0 / hparam_batches, hg)
+    if not all(bool(torch.isfinite(t).all()) for t in hg):
+        raise SolverError("NaN or Inf in the stochastic hypergradient: check the losses and the data for NaN/Inf.")
+
+    out = T.tree_unflatten([t.detach() for t in hg], lspec)
+    if not return_info:
+        return out
+    bnorm = T.norm(b_sum)  # type: ignore[arg-type]
+    lin = T.norm(r_sum) / torch.where(bnorm > 0, bnorm, torch.ones_like(bnorm))  # type: ignore[arg-type]
+    used = inner.samples + (outer.samples if outer is not inner else 0) - start
+    info = SIDInfo(
+        params=w_tree,
+        v=T.tree_unflatten([t.detach() for t in v], wspec),
+        inner_residual=_item(inner_res / linear_steps),
+        linear_residual=_item(lin),
+        outer_loss=_item(fsum / hparam_batches),
+        samples=used,
+    )
+    return out, info
