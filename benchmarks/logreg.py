@@ -245,7 +245,7 @@ def by_hand(prob: TorchProblem, T: int, K: int, w_T: torch.Tensor) -> Method:
         return -reg * w * x
 
     return Method(
-        "analytic CG", "by hand", lambda _: hg(gd(prob, zeros, prob.lam, T)), lambda _: hg(w_T),
+        "analytic CG", "reference", lambda _: hg(gd(prob, zeros, prob.lam, T)), lambda _: hg(w_T),
         note="reference floor: T analytic GD steps + K analytic HVPs + 2 gradients",
     )
 
