@@ -121,3 +121,11 @@ def test_bad_arguments():
         bl.FixedPoint(step=0.0)
     with pytest.raises(SolverError, match="NaN"):
         bl.solve(lambda v: A @ v * float("nan"), b, bl.CG(maxiter=3))
+
+
+def test_cg_far_past_convergence_stays_quiet():
+    # tol=0 and maxiter >> n: CG keeps iterating at rounding level without a false
+    # "negative curvature" error or NaN
+    A, b, xs = _system("spd", n=10)
+    x, info = bl.solve(lambda v: A @ v, b, bl.CG(maxiter=200, tol=0))
+    assert info.iterations == 200 and _err(x, xs) < 1e-12

@@ -259,11 +259,14 @@ def _cg(matvec: MatVec, b: Leaves, x: Leaves | None, maxiter: int, tol: float):
         r = T.sub(b, matvec(x))
     p, rr = list(r), T.vdot(r, r)
     bad_curvature = torch.zeros((), dtype=torch.bool, device=b[0].device)
+    noise = (1e3 * torch.finfo(bnorm.dtype).eps * bnorm) ** 2
     k = 0
     while not mon.done(k, rr.sqrt()) and k < maxiter:
         ap = matvec(p)
         pap = T.vdot(p, ap)
-        bad_curvature = bad_curvature | ((pap <= 0) & (rr > 0))
+        # negative curvature only counts while the residual is above rounding level: at
+        # convergence <p, Ap> is rounding noise and may be <= 0 on a positive definite A
+        bad_curvature = bad_curvature | ((pap <= 0) & (rr > noise))
         alpha = _safe_div(rr, pap)
         x = T.axpy(alpha, p, x)
         r = T.axpy(-alpha, ap, r)
