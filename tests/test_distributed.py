@@ -127,16 +127,20 @@ def _entry(worker, rank, world, port, queue):
 
 
 def _spawn(worker, world=2, limit_s=50.0):
-    """Run ``worker(rank, send)`` on ``world`` gloo ranks until they all exit or ``limit_s``
-    passes (then they are killed: a hang fails the test, never blocks it); returns
-    {rank: merged dicts the rank sent}."""
+    """Start ``worker(rank, send)`` on ``world`` gloo ranks; returns ``collect()``, which waits
+    until they all exit or ``limit_s`` passes (then kills them: a hang fails the test, never
+    blocks it) and returns {rank: the merged dicts the rank sent}."""
     ctx = mp.get_context("spawn")
     queue, port = ctx.Queue(), _free_port()
     procs = [ctx.Process(target=_entry, args=(worker, r, world, port, queue), daemon=True) for r in range(world)]
     for p in procs:
         p.start()
-    results: dict[int, dict] = {r: {} for r in range(world)}
     deadline = time.monotonic() + limit_s
+    return lambda: _collect(procs, queue, deadline)
+
+
+def _collect(procs, queue, deadline):
+    results: dict[int, dict] = {r: {} for r in range(len(procs))}
     try:
         while time.monotonic() < deadline and (any(p.is_alive() for p in procs) or not queue.empty()):
             try:
@@ -259,16 +263,24 @@ def _worker(rank, send):
 # ---------------------------------------------------------------- tests
 
 @pytest.fixture(scope="module")
-def ranks():
-    res = _spawn(_worker)
+def spawned():
+    """The two ranks' results and the one-process reference (computed while they run)."""
+    collect = _spawn(_worker)
+    reference = {**_hypergradients(*_losses(*_full_data())), **_compositions()}
+    res = collect()
     assert "crash" not in res[0], res[0]["crash"]
     assert "bad batch on rank 1" in res[1].get("crash", ""), res[1].get("crash")
-    return res
+    return res, reference
 
 
 @pytest.fixture(scope="module")
-def reference():
-    return {**_hypergradients(*_losses(*_full_data())), **_compositions()}
+def ranks(spawned):
+    return spawned[0]
+
+
+@pytest.fixture(scope="module")
+def reference(spawned):
+    return spawned[1]
 
 
 def _rel(a, b) -> float:

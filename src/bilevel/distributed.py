@@ -25,8 +25,9 @@ and its backward all-reduces a replicated cotangent, which scales gradients by N
 
 The core is not changed: wrap the losses (or the fixed-point map, or the ITD step) and call
 ``hypergrad`` / ``unroll`` as on one process.  Communication: one all-reduce of
-``|params|`` numbers per Hessian/Jacobian–vector product, plus a few scalars per loss
-evaluation (the value and a consistency flag, see :func:`data_parallel`).
+``|params|`` numbers per Hessian/Jacobian–vector product, and two per evaluation of a
+wrapped function: a consistency check (4 numbers per rank, see :func:`data_parallel`)
+and the value.  On one rank nothing is communicated.
 """
 
 from __future__ import annotations
@@ -136,13 +137,6 @@ def _require_group(group: Any) -> None:
             "(backend) first (launch with torchrun, or set MASTER_ADDR/MASTER_PORT/RANK/"
             "WORLD_SIZE), then wrap the losses with data_parallel."
         )
-
-
-def _device(group: Any, like: torch.device) -> torch.device:
-    """Where this backend wants small control tensors: the data's device, CUDA for NCCL."""
-    if like.type == "cpu" and dist.get_backend(group) == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return like
 
 
 def _checksum(leaves: Leaves) -> float:
@@ -267,6 +261,7 @@ def data_parallel(
         raise TypeError(f"data_parallel: local_fn should be a function (params, hparams, ...), not {local_fn!r}.")
     if not callable(n_local):
         _check_count(n_local)
+    nccl = dist.get_backend(group) == "nccl"
 
     def fn(params: Any, hparams: Any, *args: Any) -> Any:
         wl, wspec = T.tree_flatten(params)
@@ -277,9 +272,17 @@ def data_parallel(
         reps = iter(_Replicate.apply(group, *inputs))
         wl = [next(reps) if isinstance(t, torch.Tensor) else t for t in wl]
         ll = [next(reps) if isinstance(t, torch.Tensor) else t for t in ll]
+        device = inputs[0].device
+        # the small control all-reduce goes where the backend can take it
+        control = torch.device("cuda", torch.cuda.current_device()) if nccl and device.type != "cuda" else device
         failed: BaseException | None = None
         out, ospec, numel, n = [], None, -1, 0
         try:
+            if nccl and device.type != "cuda":
+                raise TypeError(
+                    f"the NCCL backend all-reduces CUDA tensors, but params/hparams are on {device}: "
+                    "move them and the data to this rank's GPU, or use the gloo backend on CPU."
+                )
             n = _check_count(n_local(*args)) if callable(n_local) else n_local
             out, ospec = T.tree_flatten(local_fn(T.tree_unflatten(wl, wspec), T.tree_unflatten(ll, lspec), *args))
             if not out or not all(isinstance(o, torch.Tensor) for o in out):
@@ -290,7 +293,7 @@ def data_parallel(
             numel = sum(o.numel() for o in out)
         except Exception as e:  # told to every rank in _agree, so that no rank waits forever
             failed = e
-        total = _agree(group, _device(group, inputs[0].device), failed, _checksum(inputs), numel, n)
+        total = _agree(group, control, failed, _checksum(inputs), numel, n)
         weight = n / total
         return T.tree_unflatten(list(_Reduce.apply(group, *(weight * o for o in out))), ospec)
 
@@ -304,10 +307,11 @@ def _check_count(n: Any) -> int:
 
 
 def shard(*tensors: torch.Tensor, group: Any = None) -> Any:
-    """This rank's contiguous block of rows (dim 0) of each tensor; sizes differ by ≤ 1.
+    """This rank's contiguous block of rows (dim 0) of each tensor.
 
-    Rank r of R gets rows ``[r·n//R + min(r, n%R) ...)`` style balanced blocks: the first
-    ``n % R`` ranks get one extra row.  Returns a tensor for one argument, else a tuple.
+    The blocks follow the rank order; the first ``n % R`` of the ``R`` ranks get
+    ``⌈n/R⌉`` rows and the others ``⌊n/R⌋``.  Returns a tensor for one argument, else a
+    tuple.  Not a collective.
     """
     _require_group(group)
     if not tensors:
