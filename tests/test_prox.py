@@ -151,7 +151,7 @@ def _lasso(per_feature: bool, seed: int = 0):
         return 0.5 * ((Xv @ w - yv) ** 2).mean()
 
     phi = P.proximal_gradient(smooth, lambda u, th, eta: P.soft_threshold(u, eta * th.exp()), 1 / L)
-    w, info = N.solve_fixed_point(phi, torch.zeros(d), theta, tol=1e-15)
+    w, info = N.fista(phi, torch.zeros(d), theta, tol=1e-14)
     assert info.converged
     # closed form on the support S: w_S = (X_SᵀX_S)⁻¹(X_Sᵀy − nλ_S·sign(w_S)), zero elsewhere
     S = w != 0
@@ -208,7 +208,7 @@ def test_lasso_zero_solution_keeps_the_autograd_path():
     # mistaken for an unused hparam (the prox keeps the path to λ).
     phi, outer, w, theta, _ = _lasso(False)
     big = torch.tensor(3.0)
-    w0, _ = N.solve_fixed_point(phi, torch.zeros_like(w), big)
+    w0, _ = N.fista(phi, torch.zeros_like(w), big)
     assert torch.equal(w0, torch.zeros_like(w))
     hg = bilevel.hypergrad(outer, w0, big, fixed_point=phi, solver=bilevel.GMRES())
     assert hg.item() == 0.0
@@ -231,14 +231,14 @@ def _regression(n=50, d=8, seed=3):
 
 def _check_vs_fd(phi, outer, theta, d, rtol=1e-6, h=1e-5):
     """AID (GMRES) vs central differences of F(θ) = f(w(θ), θ), w solved to 1e-15."""
-    w = N.solve_fixed_point(phi, torch.zeros(d), theta, tol=1e-15)[0]
+    w = N.fista(phi, torch.zeros(d), theta, tol=1e-14)[0]
     hg = bilevel.hypergrad(outer, w, theta, fixed_point=phi, solver=bilevel.GMRES(tol=1e-13))
     fd = torch.zeros_like(theta)
     for i in range(theta.numel()):
         e = torch.zeros_like(theta)
         e.view(-1)[i] = h
-        wp = N.solve_fixed_point(phi, w, theta + e, tol=1e-15)[0]
-        wm = N.solve_fixed_point(phi, w, theta - e, tol=1e-15)[0]
+        wp = N.fista(phi, w, theta + e, tol=1e-14)[0]
+        wm = N.fista(phi, w, theta - e, tol=1e-14)[0]
         # the support must not change within ±h, else finite differences are meaningless
         assert torch.equal(wp != 0, w != 0) and torch.equal(wm != 0, w != 0)
         fd.view(-1)[i] = (outer(wp, theta + e) - outer(wm, theta - e)) / (2 * h)
@@ -335,14 +335,11 @@ def test_bad_step_is_detected_with_a_clear_error():
     bad = P.proximal_gradient(smooth, prox, 2.5 / L)  # η·L = 2.5 ≥ 2
     assert bad.contraction(torch.zeros(8), torch.tensor(-1.0)) > 1
     with pytest.raises(ValueError, match=r"step ≤ 1/L"):
-        N.solve_fixed_point(bad, torch.zeros(8), torch.tensor(-1.0))
+        N.fista(bad, torch.zeros(8), torch.tensor(-1.0))
     # a nonconvex smooth part: no step makes it a contraction
     concave = P.proximal_gradient(lambda w, th: -(w**2).sum(), prox, 0.1)
     with pytest.raises(ValueError, match="not convex"):
-        N.solve_fixed_point(concave, torch.ones(8), torch.tensor(-1.0))
-    # any other map: divergence is detected while iterating
-    with pytest.raises(bilevel.NotContractionError, match="contraction"):
-        N.solve_fixed_point(lambda w, th: 2 * w + th, torch.ones(3), torch.tensor(1.0))
+        N.fista(concave, torch.ones(8), torch.tensor(-1.0))
 
 
 def test_nan_is_refused():
@@ -352,7 +349,7 @@ def test_nan_is_refused():
     smooth = lambda w, th: 0.5 * ((Xn @ w - y) ** 2).mean()  # noqa: E731
     phi = P.proximal_gradient(smooth, lambda u, th, eta: P.soft_threshold(u, eta * th.exp()), 1 / L)
     with pytest.raises((ValueError, bilevel.NotContractionError), match="NaN"):
-        N.solve_fixed_point(phi, torch.zeros(8), torch.tensor(-1.0))
+        N.fista(phi, torch.zeros(8), torch.tensor(-1.0))
     good = P.proximal_gradient(
         lambda w, th: 0.5 * ((X @ w - y) ** 2).mean(),
         lambda u, th, eta: P.soft_threshold(u, eta * th.exp()),
@@ -362,4 +359,50 @@ def test_nan_is_refused():
         bilevel.hypergrad(lambda w, th: w.sum(), torch.full((8,), math.nan), torch.tensor(-1.0),
                           fixed_point=good, solver=bilevel.GMRES())
     with pytest.raises(ValueError, match="NaN"):
-        N.solve_fixed_point(good, torch.zeros(8), torch.tensor(math.nan))
+        N.fista(good, torch.zeros(8), torch.tensor(math.nan))
+
+
+def test_fista_and_closed_form_gradient_agree_with_picard():
+    X, y, Xv, yv, L = _regression(n=40, d=8, seed=6)
+    X = X.clone()
+    X[:, 1] = X[:, 0] + 0.05 * X[:, 1]  # ill-conditioned: Picard needs many more steps
+
+    def prox(u, th, eta):
+        return P.prox_elastic_net(u, eta * th[0].exp(), eta * th[1].exp())
+
+    L = torch.linalg.eigvalsh(X.T @ X / 40).max().item()
+    by_autograd = P.proximal_gradient(lambda w, th: 0.5 * ((X @ w - y) ** 2).mean(), prox, 1 / L)
+    G, c = X.T @ X / 40, X.T @ y / 40
+    closed = P.proximal_gradient(None, prox, 1 / L, smooth_grad=lambda w, th: G @ w - c)
+    theta = torch.tensor([-2.5, -4.0])
+    w1 = torch.zeros(8)
+    k = 0
+    while k < 100_000:  # plain Picard iteration, for reference
+        k += 1
+        w_next = by_autograd(w1, theta)
+        if (w_next - w1).norm() <= 1e-14 * w_next.norm():
+            break
+        w1 = w_next
+    w2, i2 = N.fista(closed, torch.zeros(8), theta, tol=1e-13)
+    assert i2.converged and i2.iterations < k / 3
+    assert torch.allclose(w1, w2, atol=1e-10)
+    assert torch.allclose(by_autograd(w2, theta), closed(w2, theta), atol=1e-14)
+
+    def outer(w, th):
+        return 0.5 * ((Xv @ w - yv) ** 2).mean()
+
+    h1 = bilevel.hypergrad(outer, w2, theta, fixed_point=by_autograd, solver=bilevel.Dense())
+    h2 = bilevel.hypergrad(outer, w2, theta, fixed_point=closed, solver=bilevel.GMRES())
+    assert rel_err(h2, h1) <= 1e-10
+    with pytest.raises(ValueError, match="exactly one"):
+        P.proximal_gradient(None, prox, 0.1)
+    with pytest.raises(TypeError, match="ProximalGradient"):
+        N.fista(lambda w, th: w, torch.zeros(2), torch.zeros(1))
+    with pytest.raises(bilevel.NotContractionError, match="NaN"):  # NaN in the data
+        Xn = X.clone()
+        Xn[0, 0] = math.nan
+        N.fista(P.proximal_gradient(lambda w, th: 0.5 * ((Xn @ w - y) ** 2).mean(), prox, 1 / L),
+                torch.zeros(8), theta)
+    with pytest.raises(ValueError, match="step"):
+        N.fista(P.proximal_gradient(None, prox, 3 / L, smooth_grad=lambda w, th: G @ w - c),
+                torch.zeros(8), theta)

@@ -1,4 +1,4 @@
-"""Nonsmooth fixed points: solving them, and NSID, their stochastic implicit derivative.
+"""Nonsmooth fixed points: FISTA to solve them, and NSID, their stochastic implicit derivative.
 
 Grazzi, Pontil & Salzo, "Nonsmooth Implicit Differentiation: Deterministic and Stochastic
 Convergence Rates", ICML 2024.  For a piecewise Lipschitz-smooth contraction
@@ -8,24 +8,25 @@ conservative Jacobian that autograd gives (:mod:`bilevel.prox`): use
 :func:`bilevel.hypergrad` (``fixed_point=Φ``, a non-symmetric solver) and
 :func:`bilevel.unroll` as they are.  This module adds:
 
-* :func:`solve_fixed_point` — Picard iterations ``w ← Φ(w, λ)`` to a tolerance, with an
-  eager contraction check for a :class:`~bilevel.prox.ProximalGradient` and divergence
-  detection for any map;
+* :func:`fista` — the fixed point of a :class:`~bilevel.prox.ProximalGradient` map by
+  accelerated proximal gradient with restart, after an eager check that the step makes Φ
+  a contraction, and with divergence detection;
 * :func:`nsid` — the stochastic implicit derivative for composite maps
   ``Φ(w, λ) = G(T(w, λ), λ)`` whose inner map ``T`` is reachable only through unbiased
-  minibatch estimates ``T̂(w, λ, ξ)`` (:class:`CompositeMap`);
-* :func:`stochastic_proximal_gradient` — the stochastic inner solver that feeds it;
-* :class:`DecreasingStep` — the step sizes ``η_i = β/(γ + i)`` of the analysis.
+  minibatch estimates ``T̂(w, λ, ξ)`` (:class:`CompositeMap`), with the step sizes
+  :func:`nsid_step_size` of the analysis;
+* :func:`stochastic_proximal_gradient` — the stochastic inner solver that feeds it.
 
-Batches come from any iterable (a ``torch.utils.data.DataLoader``, a list, a generator).
-A re-iterable one (DataLoader, list) is cycled through as many epochs as needed; a one-shot
-iterator that runs out raises a ``ValueError``.
+Batches, step-size values and their rules are those of :mod:`bilevel.stochastic`: any
+iterable of batches (a ``DataLoader``, a list, a generator) or a
+:class:`~bilevel.stochastic.BatchStream` (which counts the samples drawn);
+:class:`~bilevel.stochastic.ConstantStep` / :class:`~bilevel.stochastic.DecreasingStep`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,94 +35,108 @@ from torch.func import grad, jvp, vjp
 
 from bilevel import _tree as T
 from bilevel.implicit import _check_input_finite, _check_reached, _leaves, _scalar, _tree_fn
-from bilevel.linear_solve import NotContractionError, SolverError, _item, check_finite
-from bilevel.prox import ProximalGradient, hessian_spectrum
+from bilevel.linear_solve import _DIVERGENCE_FACTOR, NotContractionError, SolveInfo, SolverError, _item, check_finite
+from bilevel.prox import ProximalGradient, _hessian_spectrum
+from bilevel.stochastic import BatchStream, DecreasingStep, StepSize, as_step_size, as_stream
 
 __all__ = [
-    "solve_fixed_point",
-    "FixedPointInfo",
+    "fista",
     "CompositeMap",
     "proximal_gradient_composite",
-    "DecreasingStep",
+    "nsid_step_size",
     "stochastic_proximal_gradient",
     "nsid",
     "NSIDInfo",
 ]
 
 Leaves = list[torch.Tensor]
-_DIVERGENCE_FACTOR = 1e6
 
 
 # ----------------------------------------------------------------------------- deterministic
 
 
-@dataclass(frozen=True)
-class FixedPointInfo:
-    """What :func:`solve_fixed_point` did: Picard steps, final ``‖Φ(w) − w‖``, and whether it
-    reached ``tol·max(1, ‖w‖)``."""
-
-    iterations: int
-    residual: float
-    converged: bool
-
-
-def solve_fixed_point(
-    fixed_point: Callable[[Any, Any], Any],
+def fista(
+    fixed_point: ProximalGradient,
     params0: Any,
     hparams: Any,
     *,
     maxiter: int = 10_000,
     tol: float = 1e-12,
-) -> tuple[Any, FixedPointInfo]:
-    """Iterate ``w ← Φ(w, λ)`` from ``params0`` until ``‖Φ(w) − w‖ ≤ tol·max(1, ‖w‖)``.
+) -> tuple[Any, SolveInfo]:
+    """The fixed point of a proximal-gradient map by FISTA with adaptive restart.
 
-    Returns ``(w, FixedPointInfo)`` with ``w`` detached, shaped like ``params0``.  For a
-    :class:`~bilevel.prox.ProximalGradient` the step is checked first: if the estimated
-    factor ``max|1 − η·eig(∇²g)|`` at ``params0`` exceeds 1 a ``ValueError`` says which
-    step would work.  For any map, a residual that grows ``10⁶``-fold or turns NaN/Inf
-    raises :class:`~bilevel.NotContractionError`.
+    ``y_k = w_k + (t_{k−1} − 1)/t_k·(w_k − w_{k−1})``, ``w_{k+1} = Φ(y_k, λ)`` (Beck &
+    Teboulle, 2009), momentum reset whenever ``⟨y_k − w_{k+1}, w_{k+1} − w_k⟩ > 0``
+    (O'Donoghue & Candès, 2015), which keeps a linear rate on strongly convex problems
+    with ``O(√κ)`` rather than ``O(κ)`` iterations.  Stops when the relative residual
+    ``‖Φ(y_k) − y_k‖ / ‖Φ(y_k)‖ ≤ tol`` and returns ``(w, SolveInfo)`` with ``w = Φ(y_k)``
+    (detached, shaped like ``params0``).
+
+    Before iterating, ``max|1 − η·eig(∇²g)|`` is estimated at ``params0`` (power iteration,
+    60 Hessian–vector products): above 1 the step breaks the contraction and a
+    ``ValueError`` says which step would work.  A residual that grows ``10⁶``-fold or
+    turns NaN/Inf raises :class:`~bilevel.NotContractionError`.
     """
-    if not isinstance(maxiter, int) or isinstance(maxiter, bool) or maxiter < 0:
-        raise ValueError(f"maxiter should be an int >= 0, not {maxiter!r}.")
+    if not isinstance(fixed_point, ProximalGradient):
+        raise TypeError(
+            "fista: fixed_point should be a ProximalGradient (bilevel.prox.proximal_gradient); "
+            "for another contraction use bilevel.fixed_point_solve. "
+            f"Got {type(fixed_point).__name__}."
+        )
+    if not isinstance(maxiter, int) or isinstance(maxiter, bool) or maxiter < 1:
+        raise ValueError(f"fista: maxiter should be an int >= 1, not {maxiter!r}.")
     if not (isinstance(tol, (int, float)) and tol >= 0 and math.isfinite(tol)):
-        raise ValueError(f"tol should be a finite float >= 0, not {tol!r}.")
-    w, wspec = _leaves(params0, "params0")
-    lam, lspec = _leaves(hparams, "hparams")
-    w = [t.detach() for t in w]
-    lam = [t.detach() for t in lam]
-    _check_input_finite(w, "params0")
-    _check_input_finite(lam, "hparams")
-    if isinstance(fixed_point, ProximalGradient):
-        _check_prox_step(fixed_point, T.tree_unflatten(w, wspec), T.tree_unflatten(lam, lspec))
+        raise ValueError(f"fista: tol should be a finite float >= 0, not {tol!r}.")
+    w, wspec, lam, lspec = _prepare(params0, hparams, "params0")
+    _check_prox_step(fixed_point, T.tree_unflatten(w, wspec), T.tree_unflatten(lam, lspec))
     phi = _map_leaves(fixed_point, wspec, lspec, "fixed_point")
-    every = 1 if w[0].device.type == "cpu" else 10
-    res, start, k = None, None, 0
+    y, t, r, start, k = w, 1.0, math.inf, math.inf, 0
     with torch.no_grad():
         while k < maxiter:
-            new = phi(w, lam)
-            res = T.norm(T.sub(new, w))
-            w, k = new, k + 1
-            if k % every and k < maxiter:
-                continue
-            r = float(res)
-            if start is None:
-                start = max(r, 1e-300)
-            if not math.isfinite(r) or r > _DIVERGENCE_FACTOR * start:
+            new = phi(y, lam)
+            step = T.sub(new, y)
+            dist, size = float(T.norm(step)), float(T.norm(new))
+            r = dist / size if size > 0 else dist
+            k += 1
+            if k == 1:
+                start = max(dist, 1e-300)
+            if not math.isfinite(dist) or dist > _DIVERGENCE_FACTOR * start:
                 raise NotContractionError(
-                    f"the fixed-point iteration diverged: ‖Φ(w) − w‖ went from {start:.3g} to "
-                    f"{r:.3g} in {k} steps, so Φ is not a contraction here. For "
-                    "proximal_gradient lower the step (it must be < 2/L, L the Lipschitz "
-                    "constant of ∇_w smooth_loss); check the data for NaN/Inf."
+                    f"fista diverged: ‖Φ(y) − y‖ went from {start:.3g} to {dist:.3g} in {k} "
+                    "steps, so Φ is not a contraction here: lower the step (it must be < 2/L, L "
+                    "the Lipschitz constant of ∇_w smooth_loss) and check the data for NaN/Inf."
                 )
-            if r <= tol * max(1.0, float(T.norm(w))):
+            if r <= tol:
+                w = new
                 break
-    r = float("nan") if res is None else float(res)
-    converged = res is not None and r <= tol * max(1.0, float(T.norm(w)))
-    return T.tree_unflatten(w, wspec), FixedPointInfo(k, r, bool(converged))
+            if float(T.vdot(step, T.sub(new, w))) < 0:  # ⟨y − w⁺, w⁺ − w⟩ > 0: restart
+                t_next, beta = 1.0, 0.0
+            else:
+                t_next = 0.5 * (1 + math.sqrt(1 + 4 * t * t))
+                beta = (t - 1) / t_next
+            y = T.axpy(beta, T.sub(new, w), new)
+            w, t = new, t_next
+    return T.tree_unflatten(w, wspec), SolveInfo("FISTA", k, r, r <= tol)
+
+
+def _prepare(params: Any, hparams: Any, name: str) -> tuple[Leaves, Any, Leaves, Any]:
+    w, wspec = _leaves(params, name)
+    lam, lspec = _leaves(hparams, "hparams")
+    dtypes = {t.dtype for t in w + lam}
+    if len(dtypes) > 1:
+        raise TypeError(
+            f"{name} and hparams should share one dtype, got {sorted(map(str, dtypes))}: "
+            "cast them with .to(torch.float64) (or float32)."
+        )
+    w = [t.detach() for t in w]
+    lam = [t.detach() for t in lam]
+    _check_input_finite(w, name)
+    _check_input_finite(lam, "hparams")
+    return w, wspec, lam, lspec
 
 
 def _check_prox_step(phi: ProximalGradient, params: Any, hparams: Any) -> None:
-    lo, hi = hessian_spectrum(phi.smooth_loss, params, hparams, iters=30)
+    lo, hi = _hessian_spectrum(phi.gradient, params, hparams, iters=30)
     q = max(abs(1 - phi.step * lo), abs(1 - phi.step * hi))
     if q > 1 + 1e-6:
         if lo < 0 and 1 - phi.step * lo >= q - 1e-12:
@@ -140,13 +155,13 @@ def _check_prox_step(phi: ProximalGradient, params: Any, hparams: Any) -> None:
         )
 
 
-def _map_leaves(fn: Callable[..., Any], wspec: Any, lspec: Any, name: str, batched: bool = False):
-    """fn(params, hparams[, batch]) as a function of leaves, output structure checked once."""
+def _map_leaves(fn: Callable[..., Any], wspec: Any, lspec: Any, name: str):
+    """fn(params, hparams[, extra]) as a function of leaves, output structure checked once."""
     checked = [False]
 
-    def out(w: Leaves, lam: Leaves, *batch: Any) -> Leaves:
+    def out(w: Leaves, lam: Leaves, *extra: Any) -> Leaves:
         res, ospec = T.tree_flatten(
-            fn(T.tree_unflatten(list(w), wspec), T.tree_unflatten(list(lam), lspec), *batch)
+            fn(T.tree_unflatten(list(w), wspec), T.tree_unflatten(list(lam), lspec), *extra)
         )
         if not checked[0]:
             if ospec != wspec or any(
@@ -200,7 +215,7 @@ def proximal_gradient_composite(
     ``batch_loss(params, hparams, batch)`` is an unbiased estimate of the smooth part ``g``
     (e.g. the mean loss over the batch); ``prox`` as in :func:`bilevel.prox.proximal_gradient`.
     """
-    ProximalGradient(lambda w, lam: 0, prox, step)  # validates prox and step
+    ProximalGradient(batch_loss, prox, step)  # validates prox and step
 
     def inner(params: Any, hparams: Any, batch: Any) -> Any:
         g = grad(lambda p: _scalar(batch_loss(p, hparams, batch), "batch_loss"))(params)
@@ -209,79 +224,19 @@ def proximal_gradient_composite(
     return CompositeMap(inner, lambda u, hparams: prox(u, hparams, step))
 
 
-@dataclass(frozen=True)
-class DecreasingStep:
-    """Step sizes ``η_i = beta / (gamma + i)``, ``i = 0, 1, …``.
+def nsid_step_size(q: float) -> DecreasingStep:
+    """NSID's step sizes ``η_i = β/(γ + i)`` with ``β = γ = 2/(1 − q²)`` for a ``q``-contraction.
 
-    For NSID's linear-system iteration the per-step error factor is ``1 − η_i(1 − q²)``
-    (``q`` the contraction factor of Φ), so ``beta·(1 − q²) > 1`` gives the ``O(1/k)`` mean
-    squared error of the analysis and ``gamma ≥ beta`` keeps ``η_i ≤ 1``.
-    :meth:`for_contraction` gives ``beta = gamma = 2/(1 − q²)`` (``η_0 = 1``), the choice of
-    the authors' experiments.
+    With ``Φ̂`` a ``q``-contraction for every batch, convexity of ``‖·‖²`` gives
+    ``E‖e_{i+1}‖² ≤ (1 − η_i(1 − q²))‖e_i‖² + η_i²σ²`` for the linear-system error, so
+    ``β(1 − q²) > 1`` yields the ``O(1/k)`` mean squared error of the analysis and
+    ``γ ≥ β`` keeps ``η_i ≤ 1``; ``β = γ = 2/(1 − q²)`` (``η_0 = 1``) is the choice of the
+    authors' experiments.
     """
-
-    beta: float
-    gamma: float
-
-    def __post_init__(self) -> None:
-        for name in ("beta", "gamma"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v > 0):
-                raise ValueError(f"DecreasingStep: {name} should be a finite float > 0, not {v!r}.")
-
-    def __call__(self, i: int) -> float:
-        return self.beta / (self.gamma + i)
-
-    @classmethod
-    def for_contraction(cls, q: float) -> DecreasingStep:
-        """``beta = gamma = 2/(1 − q²)`` for a map with contraction factor ``q ∈ [0, 1)``."""
-        if not (isinstance(q, (int, float)) and 0 <= q < 1):
-            raise ValueError(
-                f"DecreasingStep.for_contraction: q should be in [0, 1) (a contraction), not {q!r}."
-            )
-        b = 2.0 / (1.0 - q * q)
-        return cls(b, b)
-
-
-def _steps_fn(step_size: Any, name: str) -> Callable[[int], float]:
-    if isinstance(step_size, (int, float)) and not isinstance(step_size, bool):
-        value = float(step_size)
-        return lambda i: value
-    if callable(step_size):
-        return step_size
-    raise TypeError(f"{name} should be a float, a DecreasingStep or a callable i -> float, not {step_size!r}.")
-
-
-def _batch_stream(batches: Iterable[Any], needed: int) -> Iterator[Any]:
-    """Yield batches, cycling a re-iterable; a clear error when none or too few come."""
-    if not isinstance(batches, Iterable):
-        raise TypeError(
-            f"batches should be an iterable of batches (a DataLoader, a list, a generator), "
-            f"not {type(batches).__name__}."
-        )
-    one_shot = iter(batches) is batches
-    served = 0
-    while True:
-        epoch = 0
-        for b in batches:
-            epoch += 1
-            served += 1
-            yield b
-        if epoch == 0 or one_shot:
-            if served == 0:
-                raise ValueError("batches is empty: it should yield at least one batch.")
-            raise ValueError(
-                f"batches ran out after {served} batches, but {needed} are needed. Pass a "
-                "re-iterable (a DataLoader or a list, cycled as needed) or a longer iterator."
-            )
-
-
-def _batch_size(batch: Any) -> int:
-    leaves = T.tree_flatten(batch)[0]
-    for t in leaves:
-        if isinstance(t, torch.Tensor) and t.ndim > 0:
-            return int(t.shape[0])
-    return 1
+    if isinstance(q, bool) or not isinstance(q, (int, float)) or not 0 <= q < 1:
+        raise ValueError(f"nsid_step_size: q should be in [0, 1) (a contraction), not {q!r}.")
+    b = 2.0 / (1.0 - q * q)
+    return DecreasingStep(b, b)
 
 
 def _check_count(value: Any, name: str) -> None:
@@ -290,46 +245,38 @@ def _check_count(value: Any, name: str) -> None:
 
 
 def stochastic_proximal_gradient(
-    batch_loss: Callable[[Any, Any, Any], torch.Tensor],
-    prox: Callable[[Any, Any, float], Any],
     params0: Any,
     hparams: Any,
-    batches: Iterable[Any],
+    batches: Iterable[Any] | BatchStream,
     *,
+    batch_loss: Callable[[Any, Any, Any], torch.Tensor],
+    prox: Callable[[Any, Any, float], Any],
     steps: int,
-    step_size: DecreasingStep | Callable[[int], float] | float,
-) -> tuple[Any, int]:
+    step_size: StepSize | float,
+) -> Any:
     """Stochastic proximal gradient ``w_{i+1} = prox(w_i − η_i∇_w ĝ(w_i, λ, ξ_i), λ, η_i)``.
 
-    The inner solver NSID is fed with.  For a μ-strongly convex, L-smooth ``g`` take
-    ``step_size = DecreasingStep(2/μ, 2L/μ)`` (``η_0 = 1/L``, ``E‖w_t − w(λ)‖² = O(1/t)``).
-    Returns ``(w_t, samples)`` — ``w_t`` detached, ``samples`` the number of examples
-    drawn (the leading dimension of each batch's first tensor).
+    The inner solver NSID is fed with; one batch ``ξ_i`` per step from ``batches``.  For a
+    μ-strongly convex, L-smooth ``g`` take ``step_size = DecreasingStep(2/μ, 2L/μ)``
+    (``η_0 = 1/L``, ``E‖w_t − w(λ)‖² = O(1/t)``).  Returns ``w_t`` (detached, shaped like
+    ``params0``); pass a :class:`~bilevel.stochastic.BatchStream` to count the samples.
+    Raises :class:`~bilevel.NotContractionError` on NaN/Inf (a step that is too large).
     """
     _check_count(steps, "steps")
-    eta = _steps_fn(step_size, "step_size")
-    w, wspec = _leaves(params0, "params0")
-    lam, lspec = _leaves(hparams, "hparams")
-    w = [t.detach() for t in w]
-    lam = [t.detach() for t in lam]
-    _check_input_finite(w, "params0")
-    _check_input_finite(lam, "hparams")
-    def loss(wl: Leaves, ll: Leaves, b: Any) -> torch.Tensor:
+    eta = as_step_size(step_size, "step_size")
+    w, wspec, lam, lspec = _prepare(params0, hparams, "params0")
+    stream = as_stream(batches)
+
+    def loss(wl: Leaves, ll: Leaves, batch: Any) -> torch.Tensor:
         p, h = T.tree_unflatten(list(wl), wspec), T.tree_unflatten(list(ll), lspec)
-        return _scalar(batch_loss(p, h, b), "batch_loss")
+        return _scalar(batch_loss(p, h, batch), "batch_loss")
 
     grad_w = grad(loss)
-    prox_l = _map_leaves(lambda u, h, e: prox(u, h, e), wspec, lspec, "prox")
-    samples = 0
-    stream = _batch_stream(batches, steps)
+    prox_leaves = _map_leaves(prox, wspec, lspec, "prox")
     for i in range(steps):
-        e = float(eta(i))
-        if not (math.isfinite(e) and e > 0):
-            raise ValueError(f"step_size({i}) = {e!r}; step sizes should be finite and > 0.")
-        batch = next(stream)
-        samples += _batch_size(batch)
+        e = eta(i)
         with torch.no_grad():
-            w = prox_l(T.axpy(-e, grad_w(w, lam, batch), w), lam, e)
+            w = prox_leaves(T.axpy(-e, grad_w(w, lam, stream.next()), w), lam, e)
         if (i + 1) % 100 == 0 or i + 1 == steps:  # a host sync, so only now and then
             try:
                 check_finite(w, "stochastic_proximal_gradient's iterate")
@@ -339,7 +286,7 @@ def stochastic_proximal_gradient(
                     "the step size (η_i must stay < 2/L for each batch loss's gradient) or check "
                     "the data."
                 ) from err
-    return T.tree_unflatten(w, wspec), samples
+    return T.tree_unflatten(w, wspec)
 
 
 @dataclass(frozen=True)
@@ -347,18 +294,17 @@ class NSIDInfo:
     """What :func:`nsid` did.
 
     ``steps``: stochastic linear-system iterations; ``samples``: examples drawn for them
-    (``mean_batch`` not included; ``mean_samples`` is its size); ``q``: the contraction
-    factor used for the default step sizes (``None`` if ``step_size`` was given);
-    ``inner_residual``: ``‖G(T̂(w, λ, mean_batch), λ) − w‖``; ``v``: the final linear-system
-    iterate, shaped like ``params`` (pass as ``init=`` to warm-start).
+    (``mean_batch`` not included); ``q``: the contraction factor behind the default step
+    sizes (``None`` when ``step_size`` was given); ``inner_residual``:
+    ``‖G(T̂(w, λ, mean_batch), λ) − w‖``; ``v``: the final linear-system iterate, shaped like
+    ``params`` (pass as ``init=`` to warm-start).
     """
 
     steps: int
     samples: int
-    mean_samples: int
     q: float | None
-    inner_residual: float
-    outer_loss: float
+    inner_residual: float | torch.Tensor
+    outer_loss: float | torch.Tensor
     v: Any
 
 
@@ -366,12 +312,12 @@ def nsid(
     outer_loss: Callable[[Any, Any], torch.Tensor],
     params: Any,
     hparams: Any,
+    batches: Iterable[Any] | BatchStream,
     *,
     fixed_point: CompositeMap,
-    batches: Iterable[Any],
     mean_batch: Any,
     steps: int,
-    step_size: DecreasingStep | Callable[[int], float] | None = None,
+    step_size: StepSize | float | None = None,
     init: Any = None,
     return_info: bool = False,
 ) -> Any:
@@ -381,17 +327,19 @@ def nsid(
     ICML 2024), at ``w = params`` (an approximation of ``w(λ)``, e.g. from
     :func:`stochastic_proximal_gradient`):
 
-    1. ``w̄ = T̂(w, λ, mean_batch)`` — one estimate of ``T(w, λ)`` where the Jacobians of
-       ``G`` are taken (pass the full data or a large batch);
+    1. ``w̄ = T̂(w, λ, mean_batch)`` — one estimate of ``T(w, λ)``, where the Jacobians of
+       ``G`` are taken (pass the full data or a large batch: near a kink of ``G`` a noisy
+       ``w̄`` can pick the wrong piece);
     2. ``v_{i+1} = (1 − η_i) v_i + η_i (∂_wT̂(w, λ, ξ_i)ᵀ ∂_uG(w̄, λ)ᵀ v_i + ∇_w f)``,
        ``i < steps``, one fresh batch ``ξ_i`` from ``batches`` per step;
     3. returns ``∇_λ f + (∂_λ[G(T̂(w, λ, mean_batch), λ)])ᵀ v_k``, shaped like ``hparams``.
 
-    ``step_size`` defaults to ``DecreasingStep.for_contraction(q)`` with ``q`` the norm of
-    ``∂_wΦ`` at ``w`` estimated by power iteration on the ``mean_batch`` map.  With exact
-    ``w`` the mean squared error is ``O(1/k)``; with ``batches`` all equal to the full data
-    and ``η_i = 1`` it is AID with fixed-point iterations.  Raises ``ValueError`` for bad
-    input and :class:`~bilevel.SolverError` for NaN/Inf.
+    ``step_size`` (``η_i ∈ (0, 1]``) defaults to :func:`nsid_step_size` of ``q``, the norm
+    of ``∂_wΦ`` at ``w`` estimated by power iteration on the ``mean_batch`` map.  The
+    analysis takes ``q`` to bound every minibatch map too: use batches large enough that
+    ``T̂`` is a contraction, or a larger ``β``.  With ``w`` exact the mean squared error is
+    ``O(1/k)``; with every batch the full data and ``η_i = 1`` NSID is AID with fixed-point
+    iterations.  Raises ``ValueError`` for bad input, :class:`~bilevel.SolverError` for NaN/Inf.
     """
     if not isinstance(fixed_point, CompositeMap):
         raise TypeError(
@@ -400,18 +348,8 @@ def nsid(
             f"bilevel.hypergrad(fixed_point=...). Got {type(fixed_point).__name__}."
         )
     _check_count(steps, "steps")
-    w, wspec = _leaves(params, "params")
-    lam, lspec = _leaves(hparams, "hparams")
-    dtypes = {t.dtype for t in w + lam}
-    if len(dtypes) > 1:
-        raise TypeError(
-            f"params and hparams should share one dtype, got {sorted(map(str, dtypes))}: "
-            "cast them with .to(torch.float64) (or float32)."
-        )
-    w = [t.detach() for t in w]
-    lam = [t.detach() for t in lam]
-    _check_input_finite(w, "params")
-    _check_input_finite(lam, "hparams")
+    w, wspec, lam, lspec = _prepare(params, hparams, "params")
+    stream = as_stream(batches)
 
     f = _tree_fn(outer_loss, wspec, lspec)
     fval, f_vjp = vjp(lambda wl, ll: _scalar(f(wl, ll), "outer_loss"), w, lam)
@@ -420,27 +358,23 @@ def nsid(
 
     inner = _map_leaves(fixed_point.inner, wspec, lspec, "CompositeMap.inner")
     outer = _map_leaves(fixed_point.outer, wspec, lspec, "CompositeMap.outer")
-    # w̄ = T̂(w, λ, mean_batch) and the pullbacks of G at (w̄, λ): built once, reused k times.
+    # w̄ = T̂(w, λ, mean_batch) and the pullbacks of G at (w̄, λ): built once, used k times
     wbar, inner_lam_vjp = vjp(lambda ll: inner(w, ll, mean_batch), lam)
     wbar = [t.detach() for t in wbar]
     check_finite(wbar, "T̂(params, hparams, mean_batch)")
     phi_bar, outer_vjp = vjp(outer, wbar, lam)
-    inner_residual = T.norm(T.sub(phi_bar, w))
-
-    def outer_t(v: Leaves) -> Leaves:  # ∂_uG(w̄, λ)ᵀ v
-        return list(outer_vjp(v)[0])
 
     q = None
     if step_size is None:
-        q = _composite_norm(lambda wl: outer(inner(wl, lam, mean_batch), lam), w)
+        q = _jacobian_norm(lambda wl: outer(inner(wl, lam, mean_batch), lam), w)
         if not q < 1:
             raise ValueError(
                 f"nsid: the map is not a contraction at params (‖∂_wΦ‖ ≈ {q:.4g} ≥ 1), so "
                 "the default step sizes do not apply; lower the step inside the map, or "
                 "pass step_size= if you know better."
             )
-        step_size = DecreasingStep.for_contraction(q)
-    eta = _steps_fn(step_size, "step_size")
+        step_size = nsid_step_size(q)
+    eta = as_step_size(step_size, "step_size")
 
     if init is None:
         v = T.zeros_like(w)
@@ -449,19 +383,17 @@ def nsid(
         if ispec != wspec or any(a.shape != b.shape for a, b in zip(v, w)):
             raise ValueError(f"init should be shaped like params, got {T.describe(init)}.")
         v = [t.detach() for t in v]
-    samples = 0
-    stream = _batch_stream(batches, steps)
+    samples0 = stream.samples
     for i in range(steps):
-        e = float(eta(i))
-        if not (math.isfinite(e) and 0 < e <= 1):
+        e = eta(i)
+        if not e <= 1:
             raise ValueError(
                 f"nsid: step_size({i}) = {e!r}; NSID's step sizes are averaging weights and "
                 "should lie in (0, 1] (DecreasingStep(beta, gamma) with gamma >= beta)."
             )
-        batch = next(stream)
-        samples += _batch_size(batch)
+        batch = stream.next()
         _, inner_w_vjp = vjp(lambda wl, b=batch: inner(wl, lam, b), w)
-        jv = list(inner_w_vjp(outer_t(v))[0])
+        jv = inner_w_vjp(list(outer_vjp(v)[0]))[0]  # ∂_wT̂(w, λ, ξ_i)ᵀ ∂_uG(w̄, λ)ᵀ v_i
         v = [(1 - e) * vi + e * (ji + gi) for vi, ji, gi in zip(v, jv, gw)]
     check_finite(v, f"NSID's linear-system iterate after {steps} steps")
 
@@ -474,17 +406,16 @@ def nsid(
         return out
     info = NSIDInfo(
         steps,
-        samples,
-        _batch_size(mean_batch),
+        stream.samples - samples0,
         q,
-        _item(inner_residual),
+        _item(T.norm(T.sub(phi_bar, w))),
         _item(fval),
         T.tree_unflatten([t.detach() for t in v], wspec),
     )
     return out, info
 
 
-def _composite_norm(phi: Callable[[Leaves], Leaves], w: Leaves, iters: int = 30) -> float:
+def _jacobian_norm(phi: Callable[[Leaves], Leaves], w: Leaves, iters: int = 30) -> float:
     """‖∂_wΦ(w)‖₂ by power iteration on JᵀJ (one jvp and one vjp per iteration)."""
     _, pull = vjp(phi, w)
     gen = torch.Generator(device=w[0].device).manual_seed(0)

@@ -196,23 +196,28 @@ def project_simplex(u: torch.Tensor, radius: Number = 1.0) -> torch.Tensor:
 class ProximalGradient:
     """``Φ(w, λ) = prox(w − η ∇_w g(w, λ), λ, η)``: one proximal-gradient step, a fixed-point map.
 
-    ``smooth_loss(params, hparams)`` is the smooth part ``g`` (a scalar);
-    ``prox(u, hparams, step)`` returns ``prox_{step·r_λ}(u)`` for the nonsmooth part
-    ``r_λ`` (``u`` shaped like ``params``), e.g.
-    ``lambda u, lam, eta: bilevel.prox.soft_threshold(u, eta * lam.exp())``.
+    ``smooth_loss(params, hparams)`` is the smooth part ``g`` (a scalar), differentiated
+    with ``torch.func.grad``; or give its gradient ``smooth_grad(params, hparams)`` (a pytree
+    like ``params``) instead when you have it in closed form — on small problems it saves
+    the transform's overhead on every call.  ``prox(u, hparams, step)`` returns
+    ``prox_{step·r_λ}(u)`` for the nonsmooth part ``r_λ`` (``u`` shaped like ``params``),
+    e.g. ``lambda u, lam, eta: bilevel.prox.soft_threshold(u, eta * lam.exp())``.
     Its fixed point minimises ``g + r_λ``.  Call it as ``Φ(params, hparams)``.
 
     Its Jacobian ``∂_wΦ = ∂prox·(I − η∇²g)`` is *not* symmetric in general: with
     :func:`bilevel.hypergrad` use ``FixedPoint``, ``GMRES``, ``NormalCG`` or ``Dense``.
     """
 
-    smooth_loss: Callable[[Any, Any], torch.Tensor]
+    smooth_loss: Callable[[Any, Any], torch.Tensor] | None
     prox: Callable[[Any, Any, float], Any]
     step: float
+    smooth_grad: Callable[[Any, Any], Any] | None = None
 
     def __post_init__(self) -> None:
-        if not callable(self.smooth_loss) or not callable(self.prox):
-            raise TypeError("proximal_gradient: smooth_loss and prox should be callables.")
+        if (self.smooth_loss is None) == (self.smooth_grad is None):
+            raise ValueError("proximal_gradient: pass exactly one of smooth_loss and smooth_grad=.")
+        if not callable(self.smooth_loss or self.smooth_grad) or not callable(self.prox):
+            raise TypeError("proximal_gradient: smooth_loss (or smooth_grad) and prox should be callables.")
         if isinstance(self.step, bool) or not isinstance(self.step, (int, float)) or not (
             math.isfinite(self.step) and self.step > 0
         ):
@@ -221,8 +226,15 @@ class ProximalGradient:
                 f"Lipschitz constant of ∇_w smooth_loss), not {self.step!r}."
             )
 
+    def gradient(self, params: Any, hparams: Any) -> Any:
+        """``∇_w g(params, hparams)``, shaped like ``params``."""
+        if self.smooth_grad is not None:
+            return self.smooth_grad(params, hparams)
+        loss = self.smooth_loss
+        return grad(lambda p: _scalar(loss(p, hparams), "smooth_loss"))(params)  # type: ignore[misc]
+
     def __call__(self, params: Any, hparams: Any) -> Any:
-        g = grad(lambda p: _scalar(self.smooth_loss(p, hparams), "smooth_loss"))(params)
+        g = self.gradient(params, hparams)
         u = T.tree_map(lambda w, gw: w - self.step * gw, params, g)
         return self.prox(u, hparams, self.step)
 
@@ -233,27 +245,30 @@ class ProximalGradient:
         them; an estimate from inside the spectrum, so a value ``> 1`` proves that the
         step ``η`` breaks the contraction (``η ≥ 2/L``, or ``g`` is not convex there).
         """
-        lo, hi = hessian_spectrum(self.smooth_loss, params, hparams, iters=iters)
+        lo, hi = _hessian_spectrum(self.gradient, params, hparams, iters=iters)
         return max(abs(1 - self.step * lo), abs(1 - self.step * hi))
 
 
 def proximal_gradient(
-    smooth_loss: Callable[[Any, Any], torch.Tensor],
+    smooth_loss: Callable[[Any, Any], torch.Tensor] | None,
     prox: Callable[[Any, Any, float], Any],
     step: float,
+    *,
+    smooth_grad: Callable[[Any, Any], Any] | None = None,
 ) -> ProximalGradient:
     """The proximal-gradient fixed-point map ``Φ(w, λ) = prox_{η r_λ}(w − η∇_w g(w, λ))``.
 
     See :class:`ProximalGradient`.  ``step`` is η; Φ is a contraction for a
     μ-strongly convex, L-smooth ``g`` and ``0 < η < 2/L`` (``η = 1/L`` is the usual choice).
+    Pass ``smooth_loss=None, smooth_grad=...`` to give ``∇_w g`` in closed form.
     """
-    return ProximalGradient(smooth_loss, prox, step)
+    return ProximalGradient(smooth_loss, prox, step, smooth_grad)
 
 
-def hessian_spectrum(
-    loss: Callable[[Any, Any], torch.Tensor], params: Any, hparams: Any, *, iters: int = 50
+def _hessian_spectrum(
+    gradient: Callable[[Any, Any], Any], params: Any, hparams: Any, *, iters: int = 50
 ) -> tuple[float, float]:
-    """Estimates ``(lowest, highest)`` eigenvalue of ``∇²_w loss(params, hparams)`` (symmetric).
+    """Estimates ``(lowest, highest)`` eigenvalue of the (symmetric) Jacobian of ``gradient``.
 
     Power iteration for the eigenvalue of largest magnitude ``e₁``, then on ``H − e₁I`` for
     the other end of the spectrum; both are Rayleigh quotients, so they lie inside it.
@@ -262,10 +277,8 @@ def hessian_spectrum(
     w = [t.detach() for t in w]
     lam = T.tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, hparams)
 
-    def g(leaves: list[torch.Tensor]) -> torch.Tensor:
-        return _scalar(loss(T.tree_unflatten(list(leaves), spec), lam), "smooth_loss")
-
-    grad_g = grad(g)
+    def grad_g(leaves: list[torch.Tensor]) -> list[torch.Tensor]:
+        return T.tree_flatten(gradient(T.tree_unflatten(list(leaves), spec), lam))[0]
 
     def hvp(v: list[torch.Tensor]) -> list[torch.Tensor]:
         return list(jvp(grad_g, (w,), (v,))[1])
