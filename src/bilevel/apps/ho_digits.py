@@ -60,6 +60,7 @@ class Config:
     no_reg: float = 1e-6  # the "no regularisation" penalty
     inner_maxiter: int = 500  # L-BFGS iterations per inner solve
     inner_tol: float = 1e-7  # L-BFGS stops when max |∇_w g| ≤ inner_tol
+    inner_history: int = 20  # L-BFGS memory (50 measured no fewer evaluations)
     cg_maxiter: int = 300
     cg_tol: float = 1e-8  # relative residual of H v = ∇_w F
 
@@ -145,6 +146,7 @@ def solve_inner(
     *,
     maxiter: int,
     tol: float,
+    history: int = 20,
 ) -> tuple[Params, int]:
     """``argmin_w inner_loss(w, λ)`` by L-BFGS (strong Wolfe) from ``params``.
 
@@ -160,7 +162,7 @@ def solve_inner(
         max_eval=2 * maxiter,
         tolerance_grad=tol,
         tolerance_change=1e-14,
-        history_size=20,
+        history_size=history,
         line_search_fn="strong_wolfe",
     )
 
@@ -173,6 +175,10 @@ def solve_inner(
     opt.step(closure)
     evals = int(opt.state[W]["func_evals"])
     return (W.detach(), b.detach()), evals
+
+
+def inner_options(cfg: Config) -> dict[str, Any]:
+    return {"maxiter": cfg.inner_maxiter, "tol": cfg.inner_tol, "history": cfg.inner_history}
 
 
 def job_hypergrad(
@@ -216,7 +222,7 @@ def grid_search(data: Data, cfg: Config, n_points: int) -> dict[str, Any]:
     best = None
     for value in values.tolist():
         lam = torch.full((d,), math.log(value), dtype=DTYPE)
-        params, _ = solve_inner(inner_loss, params, lam, maxiter=cfg.inner_maxiter, tol=cfg.inner_tol)
+        params, _ = solve_inner(inner_loss, params, lam, **inner_options(cfg))
         row = {"lambda": value, **evaluate(data, params)}
         rows.append(row)
         if best is None or row["val_loss"] < best["val_loss"]:
@@ -228,7 +234,7 @@ def fixed_lambda(data: Data, cfg: Config, value: float) -> dict[str, Any]:
     inner_loss, _ = make_losses(data)
     lam = torch.full((data.X_train.shape[1],), math.log(value), dtype=DTYPE)
     t0 = time.perf_counter()
-    params, evals = solve_inner(inner_loss, init_params(data), lam, maxiter=cfg.inner_maxiter, tol=cfg.inner_tol)
+    params, evals = solve_inner(inner_loss, init_params(data), lam, **inner_options(cfg))
     grad_norm = float(torch.cat([g.reshape(-1) for g in torch.func.grad(inner_loss)(params, lam)]).norm())
     return {"lambda": value, **evaluate(data, params), "inner_grad_norm": grad_norm,
             "inner_evals": evals, "seconds": time.perf_counter() - t0}
@@ -254,7 +260,7 @@ HISTORY_KEYS = (
 
 
 def _same_problem(saved: dict[str, Any], cfg: Config) -> bool:
-    """A run may be resumed with more (or fewer) steps, but nothing else changed."""
+    """A run may be resumed with more steps, but with nothing else changed."""
     now = dataclasses.asdict(cfg)
     return {k: v for k, v in saved.items() if k != "steps"} == {k: v for k, v in now.items() if k != "steps"}
 
@@ -273,6 +279,11 @@ def learn_lambda(
                     f"the checkpoint {ckpt} belongs to a run with other settings ({saved['config']}); "
                     "resume with the same options (only --steps may change), or drop --resume."
                 )
+            if saved["step"] > cfg.steps:
+                raise ValueError(
+                    f"the checkpoint {ckpt} is at step {saved['step']}, past --steps {cfg.steps}: "
+                    f"resume with --steps {saved['step']} or more."
+                )
             state = saved
     inner_loss, _ = make_losses(data)
     lam = state["lam"].clone()
@@ -284,7 +295,7 @@ def learn_lambda(
     bar = _runs.progress(steps, desc="outer steps", unit="step") if show else steps
     for k in bar:
         t0 = time.perf_counter()
-        params, evals = solve_inner(inner_loss, params, lam, maxiter=cfg.inner_maxiter, tol=cfg.inner_tol)
+        params, evals = solve_inner(inner_loss, params, lam, **inner_options(cfg))
         t1 = time.perf_counter()
         hg, info = job_hypergrad(data, params, lam, cfg, init=v)
         t2 = time.perf_counter()
@@ -314,7 +325,7 @@ def learn_lambda(
                 "params": params, "v": v, "adam": opt.state_dict(), "history": hist,
             })
     # the learned λ: the last iterate, solved once more to evaluate it
-    params, evals = solve_inner(inner_loss, params, lam, maxiter=cfg.inner_maxiter, tol=cfg.inner_tol)
+    params, evals = solve_inner(inner_loss, params, lam, **inner_options(cfg))
     return {"lam": lam.detach(), "params": params, "history": hist, "final": evaluate(data, params)}
 
 
