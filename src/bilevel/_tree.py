@@ -32,26 +32,38 @@ Leaves = list[torch.Tensor]
 
 def add(x: Sequence[torch.Tensor], y: Sequence[torch.Tensor]) -> Leaves:
     """x + y, leaf by leaf."""
-    return list(torch._foreach_add(list(x), list(y)))
+    try:
+        return list(torch._foreach_add(list(x), list(y)))
+    except RuntimeError:  # _foreach_* has no batching rule under torch.func.vmap
+        return [xi + yi for xi, yi in zip(x, y)]
 
 
 def sub(x: Sequence[torch.Tensor], y: Sequence[torch.Tensor]) -> Leaves:
     """x - y, leaf by leaf."""
-    return list(torch._foreach_sub(list(x), list(y)))
+    try:
+        return list(torch._foreach_sub(list(x), list(y)))
+    except RuntimeError:  # under vmap
+        return [xi - yi for xi, yi in zip(x, y)]
 
 
 def axpy(a: torch.Tensor | float, x: Sequence[torch.Tensor], y: Sequence[torch.Tensor]) -> Leaves:
     """a * x + y, with ``a`` a scalar (a 0-d tensor stays on the device: no host sync)."""
     if isinstance(a, torch.Tensor):
         return [yi + a * xi for xi, yi in zip(x, y)]
-    return list(torch._foreach_add(list(y), list(x), alpha=a))
+    try:
+        return list(torch._foreach_add(list(y), list(x), alpha=a))
+    except RuntimeError:  # under vmap
+        return [yi + a * xi for xi, yi in zip(x, y)]
 
 
 def scale(a: torch.Tensor | float, x: Sequence[torch.Tensor]) -> Leaves:
     """a * x."""
     if isinstance(a, torch.Tensor):
         return [a * xi for xi in x]
-    return list(torch._foreach_mul(list(x), a))
+    try:
+        return list(torch._foreach_mul(list(x), a))
+    except RuntimeError:  # under vmap
+        return [a * xi for xi in x]
 
 
 def vdot(x: Sequence[torch.Tensor], y: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -205,13 +205,14 @@ class _Monitor:
         self.batched = False
 
     def done(self, k: int, res: torch.Tensor) -> bool:
-        if self.batched or self.tol == 0 or (k % self.every):
+        if self.batched or (k % self.every):
             return False
-        try:
-            return bool(res <= self.thresh)
+        try:  # also with tol == 0: the solvers' other checks need to know about vmap
+            small = bool(res <= self.thresh)
         except RuntimeError:  # data-dependent control flow under vmap: run to maxiter
             self.batched = True
             return False
+        return small and self.tol != 0
 
 
 def _safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
