@@ -197,3 +197,26 @@ def test_bad_options(prob):
         solver.step(state)
     with pytest.raises(bl.NotContractionError):
         bl.AIDBilevel(fo, _w0(), fixed_point=fp, inner_step_size=5.0, inner_steps=50).run(torch.zeros(M, dtype=DT), 1)
+
+
+def test_sample_complexity_job_quick_and_resume(tmp_path, capsys):
+    import json
+
+    from bilevel.apps import sample_complexity as job
+
+    out = tmp_path / "sc"
+    assert job.main(["--quick", "--out", str(out), "--no-progress"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert (out / "sample_complexity.png").stat().st_size > 0
+    assert set(res["curves"]) == set(job.METHODS)
+    for curve in res["curves"].values():
+        samples = [p["samples"] for p in curve["points"]]
+        assert samples == sorted(samples) and len(samples) == job.QUICK["levels"]
+        assert curve["slope_lam_err2"] < 0  # more samples, smaller error
+    assert "slopes" in capsys.readouterr().out
+    # --resume: every run is in the checkpoint, nothing is recomputed, same numbers
+    assert job.main(["--quick", "--out", str(out), "--no-progress", "--resume"]) == 0
+    again = json.loads((out / "results.json").read_text())
+    assert again["curves"] == res["curves"]
+    with pytest.raises(ValueError, match="other settings"):
+        job.main(["--quick", "--reps", "3", "--out", str(out), "--no-progress", "--resume"])

@@ -171,10 +171,12 @@ def test_data_loader_pytree_params_and_nn_module():
     params0 = {k: torch.zeros_like(v) for k, v in model.named_parameters()}
     hparams = {"weight": torch.full((1, 3), -1.0, dtype=DT), "bias": torch.tensor([-2.0], dtype=DT)}
 
+    one = torch.tensor(1.0, dtype=DT, requires_grad=True)  # a captured leaf: no graph may grow on it
+
     def inner_loss(params, lam, batch):
         xb, yb = batch
         pred = torch.func.functional_call(model, params, (xb,))
-        return 0.5 * ((pred - yb) ** 2).mean() + 0.5 * sum((lam[k].exp() * params[k] ** 2).sum() for k in params)
+        return 0.5 * one * ((pred - yb) ** 2).mean() + 0.5 * sum((lam[k].exp() * params[k] ** 2).sum() for k in params)
 
     def outer_loss(params, lam, batch):
         return 0.5 * ((torch.func.functional_call(model, params, (Xv,)) - yv) ** 2).mean()
@@ -188,7 +190,7 @@ def test_data_loader_pytree_params_and_nn_module():
                          inner_loss=lambda p, h: inner_loss(p, h, (X, y)), solver=bl.Dense())
     assert set(hg) == {"weight", "bias"} and hg["weight"].shape == (1, 3)
     assert rel_err(hg, exact) < 1e-8
-    assert not hg["bias"].requires_grad
+    assert not hg["bias"].requires_grad and not info.params["weight"].requires_grad and not info.v["bias"].requires_grad
 
 
 def test_iterables_reiterate_and_streams_continue():
@@ -246,6 +248,9 @@ def test_bad_step_sizes_and_options():
                 lambda: bl.DecreasingStep(0.0, 1.0), lambda: bl.DecreasingStep(1.0, -2.0)):
         with pytest.raises(ValueError, match="> 0"):
             bad()
+    assert bl.DecreasingStep.for_contraction(0.5)(0) == 1.0  # β = γ = 2/(1 − q²): η_0 = 1
+    with pytest.raises(ValueError, match="contraction"):
+        bl.DecreasingStep.for_contraction(1.0)
     for kw in ({"inner_step_size": 0.0}, {"linear_step_size": -0.5}, {"inner_steps": -1}, {"linear_steps": 0},
                {"hparam_batches": 0}):
         with pytest.raises(ValueError):

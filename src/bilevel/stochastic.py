@@ -73,6 +73,9 @@ __all__ = [
 Leaves = list[torch.Tensor]
 
 
+_NOTHING = object()  # a batch no iterable yields
+
+
 class DataExhaustedError(ValueError):
     """The batch iterable yielded no batch, or a one-shot iterator ran out."""
 
@@ -102,8 +105,9 @@ class DecreasingStep:
     """Decreasing step size ``η_t = beta / (gamma + t)``, ``t = 0, 1, ...``.
 
     The schedule of Grazzi, Pontil, Salzo (AISTATS 2021): for a map that is a
-    q-contraction in expectation, ``beta`` large enough w.r.t. ``1/(1 − q)`` gives a mean
-    squared error ``O(1/t)``; ``gamma`` delays the decay (``η_0 = beta/gamma``).
+    q-contraction in mean square, the error of ``w_t`` (and of ``v_k``) contracts by about
+    ``1 − η_t(1 − q²)`` per step, so ``beta·(1 − q²) > 1`` gives a mean squared error
+    ``O(1/t)``; ``gamma ≥ beta`` keeps ``η_t ≤ 1`` (``η_0 = beta/gamma``).
     """
 
     beta: float = 1.0
@@ -115,6 +119,14 @@ class DecreasingStep:
 
     def __call__(self, t: int) -> float:
         return float(self.beta) / (float(self.gamma) + t)
+
+    @classmethod
+    def for_contraction(cls, q: float) -> DecreasingStep:
+        """``beta = gamma = 2/(1 − q²)`` (``η_0 = 1``) for a map with contraction factor ``q ∈ [0, 1)``."""
+        if isinstance(q, bool) or not isinstance(q, (int, float)) or not 0 <= q < 1:
+            raise ValueError(f"DecreasingStep.for_contraction: q should be in [0, 1) (a contraction), not {q!r}.")
+        b = 2.0 / (1.0 - q * q)
+        return cls(b, b)
 
 
 StepSize = ConstantStep | DecreasingStep
@@ -358,6 +370,7 @@ def _check_diverged(x: Leaves, first: Any, last: Any, what: str) -> None:
         )
 
 
+@torch.no_grad()  # torch.func transforms inside still differentiate; no graph to captured tensors
 def stochastic_fixed_point(
     params0: Any,
     hparams: Any,
@@ -388,6 +401,7 @@ def stochastic_fixed_point(
     return T.tree_unflatten(w, wspec)
 
 
+@torch.no_grad()  # torch.func transforms inside still differentiate; no graph to captured tensors
 def sid(
     outer_loss: Callable[[Any, Any, Any], torch.Tensor],
     params0: Any,
@@ -417,7 +431,9 @@ def sid(
 
     ``batches`` feeds ``Φ̂``/``ĝ`` and ``outer_batches`` (default: the same stream) feeds
     ``outer_loss(params, hparams, batch)``; for an outer loss that needs no data pass
-    ``outer_batches=[None]``.  ``inner_steps=0`` uses ``params0`` as is.
+    ``outer_batches=[None]``, for a small validation set ``outer_batches=[(X_val, y_val)]``
+    (``∇_w f̂`` is computed once when the stream yields the same batch object again: the
+    user functions must be pure).  ``inner_steps=0`` uses ``params0`` as is.
 
     Returns a pytree shaped like ``hparams`` (detached), or ``(hypergrad, SIDInfo)`` with
     ``return_info=True``.  Raises ``ValueError`` for misuse (shapes, steps, empty data),
@@ -462,12 +478,15 @@ def sid(
     r_sum = b_sum = None
     inner_res = torch.zeros((), dtype=w[0].dtype, device=w[0].device)
     first_norm = last_norm = None
+    prev_ob: Any = _NOTHING
     for k in range(linear_steps):
         zb, ob = inner.next(), outer.next()
         with _explain_batch(name, zb, w_tree, k == 0):
             op = operator(zb)
-        with _explain_batch("outer_loss", ob, w_tree, k == 0):
-            gw = grad(f_at(ob))(w, lam)
+        if ob is not prev_ob:  # the same batch object again (outer_batches=[val]): same ∇_w f̂, w is fixed
+            with _explain_batch("outer_loss", ob, w_tree, k == 0):
+                gw = grad(f_at(ob))(w, lam)
+            prev_ob = ob
         r = T.sub(gw, op.matvec(v))
         v = T.axpy(eta_v(k), r, v)
         inner_res = inner_res + op.inner_residual
