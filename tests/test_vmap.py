@@ -159,3 +159,39 @@ def test_solvers_run_maxiter_guarded_iterations_under_vmap(solver):
     assert _rel(batched, looped) <= 1e-10
     per_iteration = 2 if isinstance(solver, bl.NormalCG) else 1  # matvec and rmatvec
     assert len(calls) >= solver.maxiter * per_iteration > loop_calls / B
+
+
+@pytest.mark.parametrize("solver", [bl.CG(maxiter=D, tol=0), bl.FixedPoint(maxiter=200, step=0.3, tol=0),
+                                    bl.MINRES(maxiter=D, tol=0)], ids=lambda s: type(s).__name__)
+def test_tol_zero_runs_exactly_maxiter_under_vmap_without_warnings(solver, recwarn):
+    # tol=0 is "exactly maxiter iterations": the solvers' own checks (CG curvature,
+    # Richardson divergence) must still recognise vmap, and backward must not warn
+    lam, X, y, Xv, yv = _tasks(4)
+    solve = bl.implicit(inner_loss=ridge_inner, solver=solver)(lambda w0, lam, X, y: ridge_closed_form(lam, X, y))
+    w0 = torch.zeros(D, dtype=F64)
+
+    def task(lam, X, y, Xv, yv):
+        return torch.func.grad(lambda lam: ridge_outer(solve(w0, lam, X, y), lam, Xv, yv))(lam)
+
+    looped = _loop(task, lam, X, y, Xv, yv)
+    assert _rel(torch.func.vmap(task)(lam, X, y, Xv, yv), looped) <= 1e-10
+    assert not [w for w in recwarn if issubclass(w.category, bl.ConvergenceWarning)]
+
+
+def test_benchmark_smoke(tmp_path):
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import vmap_tasks
+
+    out = tmp_path / "vmap_tasks.json"
+    assert vmap_tasks.main(["--tasks", "3", "--repeats", "1", "--dtypes", "float64", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert {(r["family"], r["method"]) for r in rows} == {
+        (f, m) for f in ("ridge", "logistic")
+        for m in ("hypergrad loop", "hypergrad vmap", "implicit loop", "implicit vmap")}
+    for r in rows:
+        assert r["rel_err_vs_loop"] <= 1e-10 and r["rel_err_exact"] <= 1e-10, r
+        assert r["median_ms"] > 0 and r["speedup_vs_loop"] > 0
