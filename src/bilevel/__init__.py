@@ -1,6 +1,8 @@
 """bilevel: hypergradients and bilevel optimisation in PyTorch."""
 
-from bilevel import linear_solve
+from bilevel import linear_solve, nn
+from bilevel.custom import ConvergenceWarning, ImplicitInfo, implicit
+from bilevel.fixed_point_solve import Anderson, Picard, fixed_point_solve
 from bilevel.implicit import HypergradInfo, hypergrad
 from bilevel.linear_solve import (
     CG,
@@ -35,6 +37,13 @@ __all__ = [
     "HypergradInfo",
     "unroll",
     "forward_hypergrad",
+    "implicit",
+    "ImplicitInfo",
+    "ConvergenceWarning",
+    "fixed_point_solve",
+    "Anderson",
+    "Picard",
+    "nn",
     "newton_cg",
     "MinimizeInfo",
     "linear_solve",

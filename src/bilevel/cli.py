@@ -13,6 +13,7 @@ import sys
 # job name -> module in bilevel.apps with ``main(argv: list[str]) -> int``
 JOBS: dict[str, str] = {
     "ho-digits": "bilevel.apps.ho_digits",
+    "deq-digits": "bilevel.apps.deq_digits",
     "sample-complexity": "bilevel.apps.sample_complexity",
 }
 
