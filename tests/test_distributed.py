@@ -92,6 +92,15 @@ def _hypergradients(inner_loss, outer_loss):
     lam_r = lam.clone().requires_grad_()
     wT = bl.unroll(step, torch.zeros(D, dtype=torch.float64), lam_r, STEPS)
     out["itd"] = torch.autograd.grad(outer_loss(wT, lam_r), lam_r)[0].tolist()
+    wT = bl.unroll(step, torch.zeros(D, dtype=torch.float64), lam_r, STEPS, truncate=5)
+    out["itd-truncated"] = torch.autograd.grad(outer_loss(wT, lam_r), lam_r)[0].tolist()
+
+    def autograd_step(w, lam):  # checkpointing recomputes under autograd, not torch.func
+        return w - ETA * torch.autograd.grad(inner_loss(w, lam), w, create_graph=True)[0]
+
+    w0 = torch.zeros(D, dtype=torch.float64, requires_grad=True)
+    wT = bl.unroll(autograd_step, w0, lam_r, STEPS, checkpoint=True)
+    out["itd-checkpointed"] = torch.autograd.grad(outer_loss(wT, lam_r), lam_r)[0].tolist()
     out["fmd"] = bl.forward_hypergrad(outer_loss, step, torch.zeros(D, dtype=torch.float64), lam, STEPS).tolist()
     return out
 
@@ -288,7 +297,8 @@ def _rel(a, b) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
-METHODS = ([f"aid-{s}" for s in SOLVERS] + [f"aid-fp-{s}" for s in FP_SOLVERS] + ["itd", "fmd"])
+METHODS = ([f"aid-{s}" for s in SOLVERS] + [f"aid-fp-{s}" for s in FP_SOLVERS]
+           + ["itd", "itd-truncated", "itd-checkpointed", "fmd"])
 
 
 @pytest.mark.parametrize("method", METHODS)
