@@ -170,3 +170,33 @@ def test_bad_input(pb):
     with pytest.raises(ValueError, match="step_size"):
         N.stochastic_proximal_gradient(torch.ones(5), pb["theta"], [pb["full"]], steps=3, step_size=-1.0,
                                        **spg)
+
+
+def test_elastic_net_job_quick_and_resume(tmp_path, capsys):
+    import json
+
+    from bilevel import cli
+    from bilevel.apps import elastic_net as job
+
+    out = tmp_path / "en"
+    assert cli.main(["run", "elastic-net", "--quick", "--out", str(out), "--no-progress"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert (out / "elastic_net.png").stat().st_size > 0
+    for key in ("two_strengths", "per_group"):
+        r = res[key]
+        assert len(r["history"]["val_mse"]) == job.QUICK["steps"] and r["test_mse"] > 0
+        assert all(a > 0 for a in r["alpha_l1"]) and r["alpha_l2"] > 0
+    assert len(res["per_group"]["alpha_l1"]) == len(res["per_group"]["groups"])
+    assert res["enet_cv"]["test_mse"] > 0 and res["enet_cv"]["seconds"] > 0
+    nv = res["nsid_vs_aid"]
+    assert [r["t"] for r in nv["aid"]] == list(job.QUICK["aid_budgets"])
+    assert [r["t"] for r in nv["nsid"]] == list(job.QUICK["nsid_budgets"])
+    assert nv["aid"][-1]["rel_err"] < nv["aid"][0]["rel_err"] and nv["nsid"][-1]["rel_err"] < 0.5
+    assert nv["nsid"][0]["samples"] == 2 * nv["nsid"][0]["t"] * nv["batch"] + nv["n"]
+    assert "verdict" in capsys.readouterr().out
+    # --resume: everything is in the checkpoint, the same numbers come back
+    assert job.main(["--quick", "--out", str(out), "--no-progress", "--resume"]) == 0
+    again = json.loads((out / "results.json").read_text())
+    assert again["nsid_vs_aid"] == nv and again["per_group"]["alpha_l1"] == res["per_group"]["alpha_l1"]
+    with pytest.raises(ValueError, match="other settings"):
+        job.main(["--quick", "--seed", "1", "--out", str(out), "--no-progress", "--resume"])

@@ -1,6 +1,6 @@
 """bilevel: hypergradients and bilevel optimisation in PyTorch."""
 
-from bilevel import linear_solve, nn
+from bilevel import linear_solve, nn, nonsmooth, prox
 from bilevel.custom import ConvergenceWarning, ImplicitInfo, implicit
 from bilevel.fixed_point_solve import Anderson, Picard, fixed_point_solve
 from bilevel.implicit import HypergradInfo, hypergrad
@@ -18,7 +18,17 @@ from bilevel.linear_solve import (
     solve,
 )
 from bilevel.minimize import MinimizeInfo, newton_cg
+from bilevel.nonsmooth import (
+    CompositeMap,
+    NSIDInfo,
+    fista,
+    nsid,
+    nsid_step_size,
+    proximal_gradient_composite,
+    stochastic_proximal_gradient,
+)
 from bilevel.outer import AIDBilevel, Box, ITDBilevel, OuterInfo, OuterState, StochasticBilevel
+from bilevel.prox import ProximalGradient, proximal_gradient
 from bilevel.stochastic import (
     BatchStream,
     ConstantStep,
@@ -71,4 +81,15 @@ __all__ = [
     "Box",
     "OuterState",
     "OuterInfo",
+    "prox",
+    "nonsmooth",
+    "proximal_gradient",
+    "ProximalGradient",
+    "fista",
+    "nsid",
+    "NSIDInfo",
+    "nsid_step_size",
+    "CompositeMap",
+    "proximal_gradient_composite",
+    "stochastic_proximal_gradient",
 ]

@@ -15,6 +15,7 @@ JOBS: dict[str, str] = {
     "ho-digits": "bilevel.apps.ho_digits",
     "deq-digits": "bilevel.apps.deq_digits",
     "sample-complexity": "bilevel.apps.sample_complexity",
+    "elastic-net": "bilevel.apps.elastic_net",
 }
 
 
