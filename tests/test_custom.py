@@ -142,6 +142,29 @@ def test_nn_module_params_via_functional_call():
     exact = torch.func.grad(lambda lam: outer(closed_form(lam)))({k: v.detach() for k, v in lam.items()})
     assert rel_err({k: v.grad for k, v in lam.items()}, exact) < 1e-10
 
+    # the solver a user already has: torch.optim.LBFGS on the module's parameters, unchanged
+    # but for torch.enable_grad() (the body runs under no_grad)
+    @bl.implicit(inner_loss=inner_loss)
+    def fit_lbfgs(params0, lam, X, y):
+        with torch.enable_grad():
+            params = {k: v.detach().clone().requires_grad_() for k, v in params0.items()}
+            opt = torch.optim.LBFGS(list(params.values()), max_iter=500, tolerance_grad=1e-13,
+                                    tolerance_change=0, line_search_fn="strong_wolfe")
+
+            def closure():
+                opt.zero_grad()
+                loss = inner_loss(params, lam, X, y)
+                loss.backward()
+                return loss
+
+            opt.step(closure)
+        return {k: v.detach() for k, v in params.items()}
+
+    for v in lam.values():
+        v.grad = None
+    outer(fit_lbfgs(params0, lam, X, y)).backward()
+    assert rel_err({k: v.grad for k, v in lam.items()}, exact) < 1e-8
+
 
 # ----------------------------------------------------------------- KKT-style roots
 

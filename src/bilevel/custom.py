@@ -105,7 +105,9 @@ class _Implicit(torch.autograd.Function):
 
     @staticmethod
     def forward(plan: _Plan, *leaves: torch.Tensor) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
-        w0, lam, targs = _unpack(plan, leaves)
+        # detached: a solver that takes gradients inside (torch.enable_grad() + backward)
+        # must not accumulate them into the caller's tensors
+        w0, lam, targs = _unpack(plan, [t.detach() for t in leaves])
         params0 = T.tree_unflatten(w0, plan.wspec)
         hparams = T.tree_unflatten(lam, plan.lspec)
         with torch.no_grad():  # the inner solver's steps are never differentiated
