@@ -452,7 +452,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
     ax2.set(xlabel="feature (sorted by λ)", ylabel="log10 λ", title="Learned per-feature λ")
     ax2.legend(fontsize=8)
 
-    img = torch.full((64,), float("nan"))
+    img = torch.full((64,), float("nan"), dtype=torch.float32)
     img[torch.tensor(results["data"]["pixels"])] = log_lam[:n_real].float()
     im = ax3.imshow(img.reshape(8, 8).numpy(), cmap="viridis")
     ax3.set(title="log10 λ per pixel (blank: constant)", xticks=[], yticks=[])
