@@ -68,6 +68,7 @@ class DEQ(nn.Module):
 
     def forward(self, x: torch.Tensor, z0: torch.Tensor | None = None) -> torch.Tensor:
         """The fixed point ``z*`` of ``z ↦ cell(z, x)``, from ``z0`` (default: zeros like ``x``)."""
+        self.backward_info = None  # set again by this call's backward pass
         z0 = torch.zeros_like(x) if z0 is None else z0
         if not isinstance(z0, torch.Tensor) or z0.dim() == 0:
             raise ValueError("DEQ: z0 should be a tensor with a batch dimension first.")
