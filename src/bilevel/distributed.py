@@ -251,7 +251,8 @@ def data_parallel(
     first checks that no rank raised in ``local_fn`` (otherwise every rank raises — the
     failing one its own error, the others a :class:`DistributedError` quoting it — instead
     of hanging), that ``params`` and ``hparams`` agree across ranks, that the outputs have
-    one size and that no shard is empty; one all-reduce then sums the weighted outputs.
+    one size and that no shard is empty (its answer is read on the host: one sync per call
+    on a GPU); one all-reduce then sums the weighted outputs.
     Each derivative all-reduces the cotangents of ``params`` (and of ``hparams`` when it
     is differentiated): one all-reduce of ``|params|`` numbers per Hessian– or
     Jacobian–vector product.
