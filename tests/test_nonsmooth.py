@@ -104,16 +104,16 @@ def test_stochastic_inner_solver_then_nsid(pb):
     mu = torch.linalg.eigvalsh(pb["X"].T @ pb["X"] / pb["n"]).min().item()
     sched = DecreasingStep(2 / mu, 2 * pb["L"] / mu)  # η_0 = 1/L
     errs = []
-    for steps in (100, 3000):
+    for steps in (100, 1000):  # E‖w_t − w‖² = O(1/t): the error should fall ~√10-fold
         stream = BatchStream(_random_batches(pb["n"], 10, 7))
         w = N.stochastic_proximal_gradient(torch.zeros(5), pb["theta"], stream, batch_loss=pb["batch_loss"],
                                            prox=pb["prox"], steps=steps, step_size=sched)
         assert stream.samples == 10 * steps
         errs.append(float((w - pb["w"]).norm() / pb["w"].norm()))
-    assert errs[1] < 0.03 and errs[1] < errs[0] / 3
+    assert errs[1] < 0.04 and errs[1] < errs[0] / 2.5
     hg = N.nsid(pb["outer"], w, pb["theta"], _random_batches(pb["n"], 10, 8), fixed_point=pb["comp"],
-                mean_batch=pb["full"], steps=500)
-    assert rel_err(hg, pb["exact"]) <= 0.1
+                mean_batch=pb["full"], steps=300)
+    assert rel_err(hg, pb["exact"]) <= 0.05
 
 
 def test_dataloader_batches_and_warm_start(pb):
@@ -130,12 +130,15 @@ def test_dataloader_batches_and_warm_start(pb):
     assert rel_err(hg2, pb["exact"]) <= 0.05
 
 
-def test_schedule():
-    s = N.nsid_step_size(0.5)
-    assert s.beta == s.gamma == pytest.approx(2 / 0.75) and s(0) == pytest.approx(1.0)
-    assert s(10) == pytest.approx(s.beta / (s.gamma + 10))
-    with pytest.raises(ValueError, match="contraction"):
-        N.nsid_step_size(1.0)
+def test_default_steps_are_the_papers_schedule(pb):
+    stream = lambda: _random_batches(pb["n"], 50, 3)  # noqa: E731
+    kw = dict(fixed_point=pb["comp"], mean_batch=pb["full"], steps=30)
+    h1, info = N.nsid(pb["outer"], pb["w"], pb["theta"], stream(), return_info=True, **kw)
+    # q = ‖∂_wΦ‖₂ at w, i.e. the largest singular value of the dense Jacobian
+    J = torch.func.jacrev(lambda w: pb["phi"](w, pb["theta"]))(pb["w"])
+    assert info.q == pytest.approx(torch.linalg.matrix_norm(J, 2).item(), rel=1e-6)
+    h2 = N.nsid(pb["outer"], pb["w"], pb["theta"], stream(), step_size=DecreasingStep.for_contraction(info.q), **kw)
+    assert torch.equal(h1, h2)
 
 
 def test_bad_input(pb):

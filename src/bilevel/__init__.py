@@ -23,7 +23,6 @@ from bilevel.nonsmooth import (
     NSIDInfo,
     fista,
     nsid,
-    nsid_step_size,
     proximal_gradient_composite,
     stochastic_proximal_gradient,
 )
@@ -88,7 +87,6 @@ __all__ = [
     "fista",
     "nsid",
     "NSIDInfo",
-    "nsid_step_size",
     "CompositeMap",
     "proximal_gradient_composite",
     "stochastic_proximal_gradient",

@@ -13,8 +13,8 @@ conservative Jacobian that autograd gives (:mod:`bilevel.prox`): use
   a contraction, and with divergence detection;
 * :func:`nsid` — the stochastic implicit derivative for composite maps
   ``Φ(w, λ) = G(T(w, λ), λ)`` whose inner map ``T`` is reachable only through unbiased
-  minibatch estimates ``T̂(w, λ, ξ)`` (:class:`CompositeMap`), with the step sizes
-  :func:`nsid_step_size` of the analysis;
+  minibatch estimates ``T̂(w, λ, ξ)`` (:class:`CompositeMap`), with the step sizes of the
+  analysis;
 * :func:`stochastic_proximal_gradient` — the stochastic inner solver that feeds it.
 
 Batches, step-size values and their rules are those of :mod:`bilevel.stochastic`: any
@@ -43,7 +43,6 @@ __all__ = [
     "fista",
     "CompositeMap",
     "proximal_gradient_composite",
-    "nsid_step_size",
     "stochastic_proximal_gradient",
     "nsid",
     "NSIDInfo",
@@ -70,7 +69,8 @@ def fista(
     (O'Donoghue & Candès, 2015), which keeps a linear rate on strongly convex problems
     with ``O(√κ)`` rather than ``O(κ)`` iterations.  Stops when the relative residual
     ``‖Φ(y_k) − y_k‖ / ‖Φ(y_k)‖ ≤ tol`` and returns ``(w, SolveInfo)`` with ``w = Φ(y_k)``
-    (detached, shaped like ``params0``).
+    (detached, shaped like ``params0``; no autograd graph is built — differentiate the
+    fixed point with :func:`bilevel.hypergrad`).
 
     Before iterating, ``max|1 − η·eig(∇²g)|`` is estimated at ``params0`` (power iteration,
     60 Hessian–vector products): above 1 the step breaks the contraction and a
@@ -95,7 +95,8 @@ def fista(
         while k < maxiter:
             new = phi(y, lam)
             step = T.sub(new, y)
-            dist, size = float(T.norm(step)), float(T.norm(new))
+            # one host sync per iteration for the stopping test and the restart test
+            dist, size, turn = torch.stack([T.norm(step), T.norm(new), T.vdot(step, T.sub(new, w))]).tolist()
             r = dist / size if size > 0 else dist
             k += 1
             if k == 1:
@@ -109,7 +110,7 @@ def fista(
             if r <= tol:
                 w = new
                 break
-            if float(T.vdot(step, T.sub(new, w))) < 0:  # ⟨y − w⁺, w⁺ − w⟩ > 0: restart
+            if turn < 0:  # ⟨y − w⁺, w⁺ − w⟩ > 0: restart
                 t_next, beta = 1.0, 0.0
             else:
                 t_next = 0.5 * (1 + math.sqrt(1 + 4 * t * t))
@@ -224,21 +225,6 @@ def proximal_gradient_composite(
     return CompositeMap(inner, lambda u, hparams: prox(u, hparams, step))
 
 
-def nsid_step_size(q: float) -> DecreasingStep:
-    """NSID's step sizes ``η_i = β/(γ + i)`` with ``β = γ = 2/(1 − q²)`` for a ``q``-contraction.
-
-    With ``Φ̂`` a ``q``-contraction for every batch, convexity of ``‖·‖²`` gives
-    ``E‖e_{i+1}‖² ≤ (1 − η_i(1 − q²))‖e_i‖² + η_i²σ²`` for the linear-system error, so
-    ``β(1 − q²) > 1`` yields the ``O(1/k)`` mean squared error of the analysis and
-    ``γ ≥ β`` keeps ``η_i ≤ 1``; ``β = γ = 2/(1 − q²)`` (``η_0 = 1``) is the choice of the
-    authors' experiments.
-    """
-    if isinstance(q, bool) or not isinstance(q, (int, float)) or not 0 <= q < 1:
-        raise ValueError(f"nsid_step_size: q should be in [0, 1) (a contraction), not {q!r}.")
-    b = 2.0 / (1.0 - q * q)
-    return DecreasingStep(b, b)
-
-
 def _check_count(value: Any, name: str) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{name} should be an int >= 1, not {value!r}.")
@@ -334,10 +320,13 @@ def nsid(
        ``i < steps``, one fresh batch ``ξ_i`` from ``batches`` per step;
     3. returns ``∇_λ f + (∂_λ[G(T̂(w, λ, mean_batch), λ)])ᵀ v_k``, shaped like ``hparams``.
 
-    ``step_size`` (``η_i ∈ (0, 1]``) defaults to :func:`nsid_step_size` of ``q``, the norm
-    of ``∂_wΦ`` at ``w`` estimated by power iteration on the ``mean_batch`` map.  The
-    analysis takes ``q`` to bound every minibatch map too: use batches large enough that
-    ``T̂`` is a contraction, or a larger ``β``.  With ``w`` exact the mean squared error is
+    ``step_size`` (``η_i ∈ (0, 1]``) defaults to ``DecreasingStep.for_contraction(q)``:
+    ``η_i = β/(γ + i)``, ``β = γ = 2/(1 − q²)``, with ``q`` the norm of ``∂_wΦ`` at ``w``
+    estimated by power iteration on the ``mean_batch`` map.  Why: if every minibatch map is
+    a ``q``-contraction, convexity of ``‖·‖²`` gives ``E‖e_{i+1}‖² ≤ (1 − η_i(1 − q²))‖e_i‖²
+    + η_i²σ²`` for the linear-system error, so ``β(1 − q²) > 1`` yields ``O(1/k)`` and
+    ``γ ≥ β`` keeps ``η_i ≤ 1`` (β = γ = 2/(1 − q²) is the authors' choice).  Use batches
+    large enough that ``T̂`` is a contraction, or a larger ``β``.  With ``w`` exact the mean squared error is
     ``O(1/k)``; with every batch the full data and ``η_i = 1`` NSID is AID with fixed-point
     iterations.  Raises ``ValueError`` for bad input, :class:`~bilevel.SolverError` for NaN/Inf.
     """
@@ -373,7 +362,7 @@ def nsid(
                 "the default step sizes do not apply; lower the step inside the map, or "
                 "pass step_size= if you know better."
             )
-        step_size = nsid_step_size(q)
+        step_size = DecreasingStep.for_contraction(q)
     eta = as_step_size(step_size, "step_size")
 
     if init is None:

@@ -65,7 +65,8 @@ def _all(cond: torch.Tensor | bool) -> bool:
 def _check_strength(value: Number, name: str, positive: bool = False) -> None:
     """Raise ValueError for a negative (or NaN/Inf) strength."""
     if isinstance(value, torch.Tensor):
-        ok = _all((value > 0) if positive else (value >= 0)) and _all(torch.isfinite(value))
+        # one host sync; NaN fails both comparisons
+        ok = _all(((value > 0) if positive else (value >= 0)) & (value < math.inf))
     elif isinstance(value, (int, float)) and not isinstance(value, bool):
         ok = math.isfinite(value) and (value > 0 if positive else value >= 0)
     else:
@@ -134,7 +135,7 @@ def prox_group_lasso(u: torch.Tensor, threshold: Number, groups: torch.Tensor) -
         n_groups = int(groups.max()) + 1
     ids = groups.reshape(-1).long()
     sq = torch.zeros(n_groups, dtype=u.dtype, device=u.device).index_add(0, ids, u.reshape(-1) ** 2)
-    t = threshold if isinstance(threshold, torch.Tensor) else torch.as_tensor(threshold, dtype=u.dtype)
+    t = threshold if isinstance(threshold, torch.Tensor) else torch.as_tensor(threshold, dtype=u.dtype, device=u.device)
     active = ~(sq <= t * t)  # ‖u_g‖ > t_g (t_g ≥ 0), and NaN stays NaN
     # sqrt only where active: sqrt'(0) = ∞ would turn the masked zero gradient into NaN.
     norm = torch.sqrt(torch.where(active, sq, torch.ones_like(sq)))
