@@ -406,3 +406,16 @@ def test_fista_and_closed_form_gradient_agree_with_picard():
     with pytest.raises(ValueError, match="step"):
         N.fista(P.proximal_gradient(None, prox, 3 / L, smooth_grad=lambda w, th: G @ w - c),
                 torch.zeros(8), theta)
+
+
+def test_lasso_through_the_implicit_decorator():
+    # the same map as a fixed_point of bilevel.implicit, FISTA as the decorated solver
+    phi, outer, w, theta, exact = _lasso(True)
+
+    @bilevel.implicit(fixed_point=phi, solver=bilevel.GMRES(tol=1e-13))
+    def solve(w0, th):
+        return N.fista(phi, w0, th, tol=1e-14)[0]
+
+    th = theta.clone().requires_grad_()
+    (hg,) = torch.autograd.grad(outer(solve(torch.zeros_like(w), th), th), th)
+    assert rel_err(hg, exact) <= 1e-8
