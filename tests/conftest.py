@@ -2,3 +2,18 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# modules written with float64 as the default dtype; every other test sees torch's float32
+FLOAT64_MODULES = {"test_nonsmooth", "test_prox"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _default_dtype(request):
+    # explicit per test: a module that sets the default at import must not leak it
+    module = request.module.__name__.split(".")[-1]
+    torch.set_default_dtype(torch.float64 if module in FLOAT64_MODULES else torch.float32)
+    yield
+    torch.set_default_dtype(torch.float32)

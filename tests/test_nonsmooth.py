@@ -15,7 +15,7 @@ from bilevel import nonsmooth as N
 from bilevel import prox as P
 from bilevel.stochastic import BatchStream, DataExhaustedError, DecreasingStep
 
-torch.set_default_dtype(torch.float64)
+torch.set_default_dtype(torch.float64)  # module data at import; conftest.py scopes it per test
 
 
 def _problem(n=500, d=5, seed=0):

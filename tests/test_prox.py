@@ -14,7 +14,7 @@ import bilevel
 from bilevel import nonsmooth as N
 from bilevel import prox as P
 
-torch.set_default_dtype(torch.float64)
+torch.set_default_dtype(torch.float64)  # module data at import; conftest.py scopes it per test
 
 NONSYMMETRIC = [
     bilevel.GMRES(maxiter=200, tol=1e-14),
