@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from bilevel import _tree as T
-from bilevel.implicit import _check_input_finite, _leaves, check_symmetric, implicit_operator
+from bilevel.implicit import _check_input_finite, _leaves_pair, check_symmetric, implicit_operator
 from bilevel.linear_solve import (
     CG,
     GMRES,
@@ -252,14 +252,7 @@ def implicit(
 
         @functools.wraps(inner_solver)
         def solve(params0: Any, hparams: Any, *args: Any) -> Any:
-            w0, wspec = _leaves(params0, "params0")
-            lam, lspec = _leaves(hparams, "hparams")
-            dtypes = {t.dtype for t in w0 + lam}
-            if len(dtypes) > 1:
-                raise TypeError(
-                    f"params0 and hparams should share one dtype, got {sorted(map(str, dtypes))}: "
-                    "cast them with .to(torch.float64) (or float32)."
-                )
+            (w0, wspec), (lam, lspec) = _leaves_pair(params0, hparams, "params0")
             _check_input_finite(lam, "hparams")
             targs, static, marked, args_spec = _split_args(args, marked_args)
             plan = _Plan(inner_solver, form, condition, solver, inner_tol, on_backward,

@@ -95,6 +95,19 @@ def _leaves(tree: Any, name: str) -> tuple[Leaves, Any]:
     return leaves, spec
 
 
+def _leaves_pair(params: Any, hparams: Any, pname: str) -> tuple[tuple[Leaves, Any], tuple[Leaves, Any]]:
+    """Leaves and specs of ``params`` and ``hparams``, which must share one float dtype."""
+    w, wspec = _leaves(params, pname)
+    lam, lspec = _leaves(hparams, "hparams")
+    dtypes = {t.dtype for t in w + lam}
+    if len(dtypes) > 1:
+        raise TypeError(
+            f"{pname} and hparams should share one dtype, got {sorted(map(str, dtypes))}: "
+            "cast them with .to(torch.float64) (or float32)."
+        )
+    return (w, wspec), (lam, lspec)
+
+
 def _check_input_finite(leaves: Leaves, name: str) -> None:
     try:
         ok = all(bool(torch.isfinite(t).all()) for t in leaves)
@@ -259,14 +272,7 @@ def hypergrad(
     reaches neither loss (its hypergradient would be zero for a structural reason).
     """
     check_solver(solver)
-    w, wspec = _leaves(params, "params")
-    lam, lspec = _leaves(hparams, "hparams")
-    dtypes = {t.dtype for t in w + lam}
-    if len(dtypes) > 1:
-        raise TypeError(
-            f"params and hparams should share one dtype, got {sorted(map(str, dtypes))}: "
-            "cast them with .to(torch.float64) (or float32)."
-        )
+    (w, wspec), (lam, lspec) = _leaves_pair(params, hparams, "params")
     w = [t.detach() for t in w]
     lam = [t.detach() for t in lam]
     _check_input_finite(w, "params")

@@ -7,8 +7,10 @@ loses at most one step.  Results go to ``<out>/results.json``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -55,3 +57,15 @@ def progress(iterable: Any, **kwargs: Any) -> Any:
     except ImportError:  # pragma: no cover
         return iterable
     return tqdm(iterable, **kwargs)
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Run torch on one thread, restored on exit: small problems run fastest so, and
+    several threads spin-wait badly on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

@@ -256,13 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     cfg = config_from_args(args)
     out = Path(args.out)
-    # small matrices (64 × h): one thread is fastest and does not fight other processes
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with _runs.one_thread():  # a small problem: one thread is fastest
         res = run(cfg, out, resume=args.resume, show=not args.no_progress)
-    finally:
-        torch.set_num_threads(threads)
     h, cmp = res["history"], res["forward_solvers_on_test_set"]
     print(f"DEQ on digits: train/test = {res['data']['n_train']}/{res['data']['n_test']}, "
           f"hidden {cfg.hidden}, {cfg.epochs} epochs, forward {cfg.forward}, backward GMRES")

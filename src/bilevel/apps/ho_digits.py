@@ -488,14 +488,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     cfg = config_from_args(args)
     out = Path(args.out)
-    # The problem is tiny (a 300 × 190 design): one thread is fastest, and several threads
-    # spin-wait badly on a shared machine.  Restored on the way out.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with _runs.one_thread():  # a small problem: one thread is fastest
         res = run(cfg, out, resume=args.resume, show=not args.no_progress)
-    finally:
-        torch.set_num_threads(threads)
     d, t = res["data"], res["timings"]
     print(
         f"digits: {d['n_real']} pixels + {d['n_noise']} noise features = {d['n_hparams']} hyperparameters; "
