@@ -65,6 +65,74 @@ def test_checkpointed_equals_plain():
     assert rel_err(a, b) < 1e-13
 
 
+def _graph_nodes(t):
+    seen, stack = set(), [t.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        stack.extend(n for n, _ in node.next_functions)
+    return seen
+
+
+# logistic's step calls torch.func.grad (torch.utils.checkpoint's saved-tensor hooks refused
+# it); ridge's step is plain autograd
+@pytest.mark.parametrize("make", [logistic, ridge], ids=lambda f: f.__name__)
+@pytest.mark.parametrize("steps", [2, 3, 37, 200])
+def test_checkpointed_equals_full_itd(make, steps):
+    p = make()
+    full, ckpt = _itd(p, steps), _itd(p, steps, checkpoint=True)
+    assert (full - ckpt).abs().max() <= 1e-12 * full.abs().max(), rel_err(ckpt, full)
+    assert rel_err(_itd(p, steps, truncate=steps // 2, checkpoint=True), _itd(p, steps, truncate=steps // 2)) < 1e-12
+
+
+@pytest.mark.parametrize("make", [logistic, ridge], ids=lambda f: f.__name__)
+def test_checkpointed_inside_torch_func_grad_and_second_order(make):
+    p = make()
+
+    def F(lam, checkpoint):
+        return p.outer_loss(bl.unroll(p.step, p.params0, lam, 30, checkpoint=checkpoint), lam)
+
+    g_full = torch.func.grad(F)(p.hparams, False)
+    assert rel_err(torch.func.grad(F)(p.hparams, True), g_full) < 1e-12
+    assert rel_err(g_full, _itd(p, 30)) < 1e-12
+
+    def hvp(checkpoint):  # Hessian of F times ones, by double backward through the segments
+        lam = p.hparams.detach().requires_grad_()
+        (g,) = torch.autograd.grad(F(lam, checkpoint), lam, create_graph=True)
+        return torch.autograd.grad(g.sum(), lam)[0]
+
+    assert rel_err(hvp(True), hvp(False)) < 1e-12
+
+
+def test_checkpointed_graph_has_one_node_per_segment():
+    # 400 steps in segments of 20: the graph is 20 segment nodes, not 400 steps' worth
+    p = ridge()
+    lam = p.hparams.detach().requires_grad_()
+    nodes = _graph_nodes(bl.unroll(p.step, p.params0, lam, 400, checkpoint=True))
+    assert sum(type(n).__name__ == "_SegmentBackward" for n in nodes) == 20
+    assert len(nodes) <= 25
+    assert len(_graph_nodes(bl.unroll(p.step, p.params0, lam, 400))) > 400
+
+
+def test_checkpointed_step_returning_a_leaf_unchanged():
+    g = torch.Generator().manual_seed(0)
+    A = 0.2 * torch.randn(4, 4, generator=g, dtype=torch.float64)
+
+    def step(w, lam):
+        return {"a": A @ w["a"] + lam * w["b"], "b": w["b"]}
+
+    def grads(checkpoint):
+        lam = torch.ones(4, dtype=torch.float64, requires_grad=True)
+        b = torch.linspace(1, 2, 4, dtype=torch.float64, requires_grad=True)
+        wT = bl.unroll(step, {"a": torch.zeros(4, dtype=torch.float64), "b": b}, lam, 10, checkpoint=checkpoint)
+        return torch.autograd.grad(wT["a"].sum() + 2 * wT["b"].sum(), [lam, b])
+
+    for a, c in zip(grads(False), grads(True)):
+        assert torch.allclose(a, c, rtol=1e-13, atol=0)
+
+
 def test_forward_mode_equals_reverse_mode():
     p = ridge_dict()
     fwd, wT = bl.forward_hypergrad(p.outer_loss, p.step, p.params0, p.hparams, 60, return_params=True)

@@ -17,7 +17,6 @@ from typing import Any
 
 import torch
 from torch.func import jvp, vjp, vmap
-from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from bilevel import _tree as T
 from bilevel.implicit import _check_input_finite, _leaves, _scalar
@@ -58,6 +57,67 @@ def _step_leaves(step: Callable[..., Any], wspec: Any, lspec: Any, indexed: bool
     return fn
 
 
+def _segment_run(fn: Callable[[Leaves, Leaves, int], Leaves], t0: int, t1: int):
+    """Steps ``t0 ≤ t < t1`` as a function of the flat inputs ``(*w_t0, *λ)``."""
+
+    def run(flat: Leaves, n_w: int) -> Leaves:
+        w, lam = list(flat[:n_w]), list(flat[n_w:])
+        for t in range(t0, t1):
+            w = fn(w, lam, t)
+        return w
+
+    return run
+
+
+class _Segment(torch.autograd.Function):
+    """One checkpointed segment ``w_t1 = Φ_{t1−1}∘…∘Φ_t0(w_t0, λ)``.
+
+    The forward pass runs the steps without a graph and keeps only the inputs
+    ``(w_t0, λ)``; the backward pass recomputes the segment with a graph and returns
+    ``(∂w_t1/∂w_t0)ᵀḡ, (∂w_t1/∂λ)ᵀḡ``.  With √T segments of √T steps the memory is
+    √T stored states plus one segment's graph.  Written by hand rather than with
+    ``torch.utils.checkpoint``: its non-reentrant form records through saved-tensor
+    hooks, which ``torch.func.grad`` inside a step refuses, and its reentrant form
+    refuses ``torch.autograd.grad``.
+    """
+
+    @staticmethod
+    def forward(run: Callable[[Leaves, int], Leaves], n_w: int, *flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = run(list(flat), n_w)  # grad mode is off here: no graph is kept
+        # a leaf the step returns unchanged must leave as a view (it is also saved as an input)
+        return tuple(o.view_as(o) if any(o is x for x in flat) else o for o in out)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        # separate from forward so that torch.func.grad can differentiate an unroll
+        ctx.run, ctx.n_w = inputs[0], inputs[1]
+        ctx.save_for_backward(*inputs[2:])
+
+    @staticmethod
+    def backward(ctx: Any, *grad_out: torch.Tensor):
+        flat = ctx.saved_tensors
+        wanted = ctx.needs_input_grad[2:]
+        # backward(create_graph=True) (and torch.func.grad): differentiate at aliases of the
+        # inputs, so the graph of the result stays connected to them for higher derivatives;
+        # differentiating at the inputs themselves would also follow w_t0's own history to λ
+        # and count that path twice.  Otherwise fresh leaves: nothing outside is kept alive.
+        create = torch.is_grad_enabled()
+        if create:
+            inputs = [x.view_as(x) if need else x.detach() for x, need in zip(flat, wanted)]
+        else:
+            inputs = [x.detach().requires_grad_(need) for x, need in zip(flat, wanted)]
+        with torch.enable_grad():
+            out = ctx.run(inputs, ctx.n_w)
+        pairs = [(o, g) for o, g in zip(out, grad_out) if o.requires_grad]
+        targets = [x for x, need in zip(inputs, wanted) if need]
+        grads = iter(
+            torch.autograd.grad([o for o, _ in pairs], targets, [g for _, g in pairs],
+                                allow_unused=True, create_graph=create)
+            if pairs and targets else [None] * len(targets)
+        )
+        return (None, None, *(next(grads) if need else None for need in wanted))
+
+
 def unroll(
     step: Callable[..., Any],
     params0: Any,
@@ -91,16 +151,8 @@ def unroll(
                 w = fn(w, lam_d, t)
     if checkpoint and steps - start > 1 and torch.is_grad_enabled():
         seg = max(1, math.isqrt(steps - start - 1) + 1)
-
-        def run(t0: int, t1: int, *flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
-            ww, ll = list(flat[: len(w)]), list(flat[len(w):])
-            for t in range(t0, t1):
-                ww = fn(ww, ll, t)
-            return tuple(ww)
-
         for t0 in range(start, steps, seg):
-            t1 = min(t0 + seg, steps)
-            w = list(_checkpoint(run, t0, t1, *w, *lam, use_reentrant=False))
+            w = _Segment.apply(_segment_run(fn, t0, min(t0 + seg, steps)), len(w), *w, *lam)
     else:
         for t in range(start, steps):
             w = fn(w, lam, t)
