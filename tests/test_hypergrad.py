@@ -1,5 +1,7 @@
 """AID hypergradients against exact answers: closed forms, dense float64 solves, FD."""
 
+import importlib
+
 import pytest
 import torch
 from problems import linear_fixed_point, logistic, newton, rel_err, ridge, ridge_dict
@@ -174,3 +176,50 @@ def test_aid_forms_agree_and_match_unrolled_limit():
     a = bl.hypergrad(p.outer_loss, p.params, p.hparams, inner_loss=p.inner_loss)
     b = bl.hypergrad(p.outer_loss, p.params, p.hparams, fixed_point=p.step, solver=bl.GMRES())
     assert rel_err(a, b) < 1e-12
+
+
+@pytest.mark.parametrize("name", PROBLEMS)
+def test_autograd_and_torch_func_operators_agree(name, monkeypatch):
+    # Outside torch.func transforms the IFT operator runs on plain autograd with a retained
+    # graph (faster); under vmap/grad it runs on torch.func closures. Same numbers, every
+    # form, every solver family; the torch.func side is forced here by a monkeypatch.
+    core = importlib.import_module("bilevel.implicit")  # the module, not the decorator
+
+    p = PROBLEMS[name]()
+    solvers = [bl.GMRES(), bl.NormalCG(), bl.Dense()] + ([] if name == "linear_fp" else [bl.CG()])
+    runs, taken = [], []
+    real = core._plain_autograd
+    for plain in (True, False):
+        spy = lambda *groups, plain=plain: taken.append(real(*groups) and plain) or taken[-1]  # noqa: E731
+        monkeypatch.setattr(core, "_plain_autograd", spy)
+        runs.append([
+            torch.cat([t.reshape(-1) for t in torch.utils._pytree.tree_leaves(
+                bl.hypergrad(p.outer_loss, p.params, p.hparams, solver=s, **kw))])
+            for form, kw in _forms(p) for s in solvers
+        ])
+    half = len(taken) // 2
+    assert all(taken[:half]) and not any(taken[half:])  # the first run did take the autograd path
+    for a, b in zip(*runs):
+        assert (a - b).abs().max().item() <= 1e-12 * max(1.0, b.abs().max().item())
+
+
+def test_hparam_leaf_only_in_outer_loss():
+    # An hparams leaf the inner problem does not see: its cross term is exactly zero (not an
+    # error), its hypergradient the direct one. A leaf that reaches g but not ∇_w g (nor the
+    # outer loss) is refused by name.
+    p = ridge()
+    shift = torch.tensor(0.3, dtype=torch.float64)
+
+    def outer(w, h):
+        return p.outer_loss(w, h["lam"]) + h["shift"] ** 2
+
+    hparams = {"lam": p.hparams, "shift": shift}
+    hg = bl.hypergrad(outer, p.params, hparams, inner_loss=lambda w, h: p.inner_loss(w, h["lam"]))
+    assert rel_err(hg["lam"], p.exact) < 1e-8
+    assert hg["shift"].item() == pytest.approx(0.6, rel=1e-14)
+
+    def inner(w, h):
+        return p.inner_loss(w, h["lam"]) + h["bias"] ** 2  # reaches g, not ∇_w g
+
+    with pytest.raises(ValueError, match="bias"):
+        bl.hypergrad(outer, p.params, {"lam": p.hparams, "shift": shift, "bias": shift.clone()}, inner_loss=inner)

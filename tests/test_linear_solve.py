@@ -129,3 +129,27 @@ def test_cg_far_past_convergence_stays_quiet():
     A, b, xs = _system("spd", n=10)
     x, info = bl.solve(lambda v: A @ v, b, bl.CG(maxiter=200, tol=0))
     assert info.iterations == 200 and _err(x, xs) < 1e-12
+
+
+@pytest.mark.parametrize("tol", [1e-10, 0.0])
+def test_cg_device_path_equals_host_path(monkeypatch, tol):
+    # On the CPU, CG keeps its scalars as Python floats; on an accelerator (and under vmap)
+    # as 0-d tensors. Both must give the same iterates, counts and checks: force the
+    # tensor path here, where no accelerator is needed.
+    import bilevel.linear_solve as ls
+
+    A, b, xs = _system("spd", n=25)
+    split = lambda v: {"a": v[:10], "b": v[10:].reshape(3, 5)}  # noqa: E731
+    join = lambda t: torch.cat([t["a"], t["b"].reshape(-1)])  # noqa: E731
+    mv = lambda t: split(A @ join(t))  # noqa: E731
+    x_host, info_host = bl.solve(mv, split(b), bl.CG(maxiter=60, tol=tol))
+    monkeypatch.setattr(ls, "_host_scalars", lambda b: False)
+    x_dev, info_dev = bl.solve(mv, split(b), bl.CG(maxiter=60, tol=tol))
+    assert info_host.iterations == info_dev.iterations == (60 if tol == 0 else info_host.iterations)
+    assert info_host.iterations < 60 or tol == 0
+    assert (join(x_host) - join(x_dev)).abs().max().item() < 1e-13
+    assert _err(join(x_host), xs) < 1e-9
+    assert info_host.residual == pytest.approx(info_dev.residual, rel=1e-6, abs=1e-15)
+    A2, b2, _ = _system("indefinite")
+    with pytest.raises(SolverError, match="non-positive curvature"):
+        bl.solve(lambda v: A2 @ v, b2, bl.CG(maxiter=200))

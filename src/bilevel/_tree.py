@@ -68,9 +68,10 @@ def scale(a: torch.Tensor | float, x: Sequence[torch.Tensor]) -> Leaves:
 
 def vdot(x: Sequence[torch.Tensor], y: Sequence[torch.Tensor]) -> torch.Tensor:
     """<x, y> summed over all leaves, a 0-d tensor."""
+    # torch.dot on flat views: one kernel, no x*y temporary (it batches under vmap too)
     if len(x) == 1:
-        return torch.sum(x[0] * y[0])
-    return sum(torch.sum(xi * yi) for xi, yi in zip(x, y))  # type: ignore[return-value]
+        return torch.dot(x[0].reshape(-1), y[0].reshape(-1))
+    return sum(torch.dot(xi.reshape(-1), yi.reshape(-1)) for xi, yi in zip(x, y))  # type: ignore[return-value]
 
 
 def norm(x: Sequence[torch.Tensor]) -> torch.Tensor:

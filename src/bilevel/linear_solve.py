@@ -215,6 +215,13 @@ class _Monitor:
         return small and self.tol != 0
 
 
+_CG_CURVATURE = (
+    "CG met non-positive curvature <p, A p> <= 0: A is not positive definite "
+    "(for an inner_loss: its Hessian at params; are params a minimiser?). "
+    "Use MINRES() for a symmetric indefinite A, GMRES() otherwise."
+)
+
+
 def _safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     """num / den, and 0 where den == 0 (a converged or broken-down Krylov step)."""
     return torch.where(den != 0, num / torch.where(den != 0, den, torch.ones_like(den)), 0 * num)
@@ -251,7 +258,21 @@ def _richardson(
     return x, k, res / torch.where(bnorm > 0, bnorm, torch.ones_like(bnorm))
 
 
+def _host_scalars(b: Leaves) -> bool:
+    """CPU and not under vmap: the residual is read every iteration anyway, so the Krylov
+    scalars can live on the host as Python floats; each update is then one fused op."""
+    if b[0].device.type != "cpu" or b[0].is_complex():
+        return False
+    try:
+        b[0].sum().item()
+    except RuntimeError:  # batched by vmap: no data access
+        return False
+    return True
+
+
 def _cg(matvec: MatVec, b: Leaves, x: Leaves | None, maxiter: int, tol: float):
+    if _host_scalars(b):
+        return _cg_host(matvec, b, x, maxiter, tol)
     bnorm = T.norm(b)
     mon = _Monitor(b[0], bnorm, tol)
     if x is None:
@@ -276,12 +297,34 @@ def _cg(matvec: MatVec, b: Leaves, x: Leaves | None, maxiter: int, tol: float):
         rr = rr_new
         k += 1
         if not mon.batched and not (k % mon.every) and bool(bad_curvature):
-            raise SolverError(
-                "CG met non-positive curvature <p, A p> <= 0: A is not positive definite "
-                "(for an inner_loss: its Hessian at params; are params a minimiser?). "
-                "Use MINRES() for a symmetric indefinite A, GMRES() otherwise."
-            )
+            raise SolverError(_CG_CURVATURE)
     return x, k, rr.sqrt() / torch.where(bnorm > 0, bnorm, torch.ones_like(bnorm))
+
+
+def _cg_host(matvec: MatVec, b: Leaves, x: Leaves | None, maxiter: int, tol: float):
+    """:func:`_cg` with its scalars as Python floats (same iterates, same checks)."""
+    bnorm = T.norm(b).item()
+    if x is None:
+        x, r = T.zeros_like(b), list(b)
+    else:
+        r = T.sub(b, matvec(x))
+    p, rr = list(r), T.vdot(r, r).item()
+    noise = (1e3 * torch.finfo(b[0].dtype).eps * bnorm) ** 2
+    k = 0
+    while not (tol != 0 and math.sqrt(rr) <= tol * bnorm) and k < maxiter:
+        ap = matvec(p)
+        pap = T.vdot(p, ap).item()
+        alpha = rr / pap if pap != 0 else 0.0
+        x = T.axpy(alpha, p, x)
+        r = T.axpy(-alpha, ap, r)
+        rr_new = T.vdot(r, r).item()
+        p = T.axpy(rr_new / rr if rr != 0 else 0.0, p, r)
+        rr_old, rr = rr, rr_new
+        k += 1
+        if pap <= 0 and rr_old > noise:  # see _cg: rounding-level curvature does not count
+            raise SolverError(_CG_CURVATURE)
+    res = math.sqrt(rr) / bnorm if bnorm > 0 else math.sqrt(rr)
+    return x, k, torch.tensor(res, dtype=b[0].real.dtype)
 
 
 def _minres(matvec: MatVec, b: Leaves, x: Leaves | None, maxiter: int, tol: float):
