@@ -52,6 +52,13 @@ PEERS = ("TorchOpt", "JAXopt")
 OURS_REFERENCE = "AID-CG"  # the method the ours/peer ratios are printed for
 
 
+def _sync(out: Any) -> Any:
+    """Wait for a CUDA result before the clock stops (a no-op on the CPU)."""
+    if isinstance(out, torch.Tensor) and out.is_cuda:
+        torch.cuda.synchronize()
+    return out
+
+
 # --------------------------------------------------------------------------- problem
 
 
@@ -95,11 +102,11 @@ class Exact:
     seconds: float
 
 
-def exact_hypergrad(data: Data, tol: float = 1e-13, max_iter: int = 50) -> Exact:
+def exact_hypergrad(data: Data, tol: float = 1e-13, max_iter: int = 50, device: str = "cpu") -> Exact:
     """Newton in float64 (analytic gradient and Hessian) to ‖∇_w g‖ ≤ tol, then
     ``∇F = −e^λ ⊙ w ⊙ H⁻¹ ∇_w f`` with a Cholesky solve (∂_{λ_j} ∇_w g = e^{λ_j} w_j e_j)."""
     t0 = time.perf_counter()
-    X, y, Xv, yv, lam = (torch.as_tensor(a, dtype=torch.float64) for a in _arrays(data))
+    X, y, Xv, yv, lam = (torch.as_tensor(a, dtype=torch.float64, device=device) for a in _arrays(data))
     n, reg = X.shape[0], lam.exp()
 
     def loss(w: torch.Tensor) -> torch.Tensor:
@@ -111,7 +118,7 @@ def exact_hypergrad(data: Data, tol: float = 1e-13, max_iter: int = 50) -> Exact
         H = (X.T * (p * (1 - p))) @ X / n + torch.diag(reg)
         return g, H
 
-    w = torch.zeros(X.shape[1], dtype=torch.float64)
+    w = torch.zeros(X.shape[1], dtype=torch.float64, device=device)
     iterations, best = 0, math.inf
     for _ in range(max_iter):
         g, H = grad_hess(w)
@@ -127,7 +134,7 @@ def exact_hypergrad(data: Data, tol: float = 1e-13, max_iter: int = 50) -> Exact
     g, H = grad_hess(w)
     gf = -(Xv.T @ (yv * torch.sigmoid(-yv * (Xv @ w)))) / Xv.shape[0]
     v = torch.cholesky_solve(gf[:, None], torch.linalg.cholesky(H))[:, 0]
-    return Exact(-reg * w * v, w, iterations, g.norm().item(), time.perf_counter() - t0)
+    return Exact((-reg * w * v).cpu(), w.cpu(), iterations, g.norm().item(), time.perf_counter() - t0)
 
 
 def _arrays(data: Data) -> tuple[np.ndarray, ...]:
@@ -161,8 +168,8 @@ class TorchProblem:
         return F.softplus(-self.yv * (self.Xv @ w)).mean()
 
 
-def torch_problem(data: Data, dtype: torch.dtype, eta: float) -> TorchProblem:
-    X, y, Xv, yv, lam = (torch.as_tensor(a, dtype=dtype).contiguous() for a in _arrays(data))
+def torch_problem(data: Data, dtype: torch.dtype, eta: float, device: str = "cpu") -> TorchProblem:
+    X, y, Xv, yv, lam = (torch.as_tensor(a, dtype=dtype, device=device).contiguous() for a in _arrays(data))
     return TorchProblem(X, y, Xv, yv, lam, eta)
 
 
@@ -191,7 +198,7 @@ class Method:
     pipeline: Callable[[Any], Any]
     hypergrad: Callable[[Any], Any]
     setup: Callable[[], Any] | None = None
-    block: Callable[[Any], Any] = lambda out: out
+    block: Callable[[Any], Any] = _sync
     note: str = ""
 
 
@@ -222,6 +229,42 @@ def ours(prob: TorchProblem, T: int, K: int, w_T: torch.Tensor) -> list[Method]:
             note="hypergradient alone = the backward pass through the T recorded steps",
         ),
     ]
+
+
+def inner_solver_method(prob: TorchProblem, T: int, K: int, solver: str) -> Method:
+    """Ours with its own inner solver, ``bilevel.newton_cg`` or ``bilevel.lbfgs`` (T steps,
+    tol=0), then AID-CG (K steps, tol=0).  ``T`` counts Newton / L-BFGS steps, not GD steps."""
+    zeros = torch.zeros_like(prob.lam)
+    minimize = bilevel.newton_cg if solver == "newton" else bilevel.lbfgs
+
+    def pipeline(_: Any) -> torch.Tensor:
+        w, _info = minimize(prob.inner_loss, zeros, prob.lam, maxiter=T, tol=0.0)
+        return bilevel.hypergrad(prob.outer_loss, w, prob.lam, inner_loss=prob.inner_loss,
+                                 solver=bilevel.CG(maxiter=K, tol=0.0))
+
+    name = "Newton-CG + AID-CG" if solver == "newton" else "LBFGS + AID-CG"
+    return Method(name, "bilevel", pipeline, lambda _: None, note="T = Newton / L-BFGS steps")
+
+
+def hypergrad_work(prob: TorchProblem, K: int, w_T: torch.Tensor, repeats: int, warmup: int) -> Timing:
+    """The evaluations any AID-CG hypergradient must make, by plain autograd and nothing
+    else: ∇_w g with its graph, K Hessian–vector products through it, ∇ of the outer loss.
+    The overhead ratio is (our hypergradient step) / (this)."""
+    g0 = torch.Generator(device=w_T.device).manual_seed(0)
+    vs = [torch.randn(w_T.shape, generator=g0, dtype=w_T.dtype, device=w_T.device) for _ in range(K)]
+
+    def work(_: Any) -> torch.Tensor:
+        w = w_T.detach().requires_grad_()
+        lam = prob.lam.detach().requires_grad_()
+        gw = torch.autograd.grad(prob.inner_loss(w, lam), w, create_graph=True)[0]
+        gf = torch.autograd.grad(prob.outer_loss(w, lam), w)[0]
+        out = gf
+        for v in vs:
+            out = out + torch.autograd.grad(gw, w, v, retain_graph=True)[0]
+        return out + torch.autograd.grad(gw, lam, gf)[0]
+
+    timing, _ = time_call(work, repeats=repeats, warmup=warmup, block=_sync)
+    return timing
 
 
 def by_hand(prob: TorchProblem, T: int, K: int, w_T: torch.Tensor) -> Method:
@@ -300,8 +343,10 @@ def jax_problem(data: Data, dtype: torch.dtype) -> SimpleNamespace:
         return jnp.mean(jax.nn.softplus(-y * (X @ w))) + 0.5 * jnp.sum(jnp.exp(lam) * w * w)
 
     def inner_grad(w, lam, X, y):
+        # r @ X, not X.T @ r: with X an argument of the jitted function, XLA copies the
+        # transpose of X in every fori_loop iteration (3.4 s vs 1.35 s for 200 steps here)
         r = -y * jax.nn.sigmoid(-y * (X @ w))
-        return X.T @ r / X.shape[0] + jnp.exp(lam) * w
+        return r @ X / X.shape[0] + jnp.exp(lam) * w
 
     def outer_loss(w, Xv, yv):
         return jnp.mean(jax.nn.softplus(-yv * (Xv @ w)))
@@ -384,13 +429,20 @@ def peer_methods(
         try:
             if peer == "TorchOpt":
                 out.append(torchopt_method(prob, T, K, w_T))
+            elif prob.X.device.type != "cpu":
+                raise _NotOnDevice("this benchmark runs JAXopt on the CPU only; no side-by-side on a GPU")
             else:
                 out.append(jaxopt_method(jax_problem(data, dtype), T, K, prob.eta, w_T))
-        except ImportError as err:
-            note = f"{peer} skipped: it does not import ({err})."
+        except (ImportError, _NotOnDevice) as err:
+            why = str(err) if isinstance(err, _NotOnDevice) else f"it does not import ({err})"
+            note = f"{peer} skipped: {why}."
             if note not in notes:
                 notes.append(note)
     return out
+
+
+class _NotOnDevice(Exception):
+    """A peer that cannot run on the device asked for."""
 
 
 def to_float64(out: Any) -> torch.Tensor:
@@ -436,6 +488,14 @@ class SizeResult:
     inner_rel_err: float
     rows: list[Row] = field(default_factory=list)
     tta: list[dict[str, Any]] = field(default_factory=list)
+    work: Timing | None = None  # K autograd HVPs + the gradients: what AID-CG must evaluate
+
+    def overhead(self) -> float | None:
+        """Our AID-CG hypergradient step / the autograd evaluations it must make."""
+        mine = self.row(OURS_REFERENCE)
+        if mine is None or self.work is None:
+            return None
+        return mine.hypergrad.median / self.work.median
 
     def row(self, name: str) -> Row | None:
         """The row of a method by its first word (``"TorchOpt"``, ``"AID-CG"``), if it ran."""
@@ -467,6 +527,8 @@ class SizeResult:
             "inner_rel_err": self.inner_rel_err,
             "methods": [r.as_dict() for r in self.rows],
             "ratios": self.ratios(),
+            "hypergrad_work": None if self.work is None else self.work.as_dict(),
+            "overhead_ratio": self.overhead(),
             "time_to_accuracy": self.tta,
         }
 
@@ -479,8 +541,8 @@ def run_size(n: int, d: int, args: argparse.Namespace, notes: list[str]) -> Size
     dtype = getattr(torch, args.dtype)
     data = make_data(n, d, args.seed)
     _log(f"[{n}x{d}] exact hypergradient (Newton, float64) ...")
-    exact = exact_hypergrad(data)
-    prob = torch_problem(data, dtype, args.step)
+    exact = exact_hypergrad(data, device=args.device)
+    prob = torch_problem(data, dtype, args.step, args.device)
     w_T = gd(prob, torch.zeros_like(prob.lam), prob.lam, args.T)
     result = SizeResult(n, d, exact, rel_err(to_float64(w_T), exact.params))
     methods = ours(prob, args.T, args.K, w_T) + [by_hand(prob, args.T, args.K, w_T)]
@@ -502,6 +564,8 @@ def run_size(n: int, d: int, args: argparse.Namespace, notes: list[str]) -> Size
         if not math.isfinite(row.rel_err):
             notes.append(f"{n}x{d} {m.name} returned a non-finite hypergradient.")
         result.rows.append(row)
+    _log(f"[{n}x{d}] the evaluations AID-CG must make (K autograd HVPs + gradients) ...")
+    result.work = hypergrad_work(prob, args.K, w_T, args.repeats, args.warmup)
     if args.tta is not None:
         result.tta = time_to_accuracy(data, prob, exact, args, notes)
     return result
@@ -538,6 +602,10 @@ def tta_candidates(data: Data, prob: TorchProblem, args: argparse.Namespace, not
         Candidate("AID-CG", mine("AID-CG"), Ts, Kcg),
         Candidate("Neumann", mine("Neumann"), Ts, Ks),
         Candidate("ITD", mine("ITD"), Ts, None),
+        Candidate("Newton-CG + AID-CG", lambda T, K: inner_solver_method(prob, T, K, "newton"),
+                  [2**i for i in range(7)], Kcg),
+        Candidate("LBFGS + AID-CG", lambda T, K: inner_solver_method(prob, T, K, "lbfgs"),
+                  [10 * 2**i for i in range(args.tta_doublings + 2)], Kcg),
     ]
     if args.skip_peers:
         return cands
@@ -547,6 +615,8 @@ def tta_candidates(data: Data, prob: TorchProblem, args: argparse.Namespace, not
         cands.append(Candidate("TorchOpt CG", lambda T, K: torchopt_method(prob, T, K, w_T), Ts, Kcg))
     except ImportError:
         pass  # noted by the main table
+    if prob.X.device.type != "cpu":
+        return cands
     try:
         jp = jax_problem(data, getattr(torch, args.dtype))
     except ImportError:
@@ -608,7 +678,7 @@ def _ratio(a: Timing, b: Timing | None) -> str | None:
 
 def table(res: SizeResult, args: argparse.Namespace) -> str:
     head = (
-        f"n={res.n} d={res.d}  T={args.T} GD steps (η={args.step})  K={args.K}  {args.dtype}  "
+        f"n={res.n} d={res.d}  T={args.T} GD steps (η={args.step})  K={args.K}  {args.dtype}  {args.device}  "
         f"threads={args.threads}  median of {args.repeats}\n"
         f"exact: Newton {res.exact.newton_iterations} it., ‖∇g‖={res.exact.grad_norm:.1e};  "
         f"inner rel. err of w_T: {res.inner_rel_err:.2e} (part of every error below)\n"
@@ -630,6 +700,13 @@ def table(res: SizeResult, args: argparse.Namespace) -> str:
                 row += [_ratio(r.pipeline, theirs.pipeline), _ratio(r.hypergrad, theirs.hypergrad)]
         rows.append(row)
     text = head + format_table(headers, rows)
+    if res.work is not None:
+        ratio = res.overhead()
+        text += (
+            f"\nthe evaluations {OURS_REFERENCE} must make (∇g with graph, K={args.K} autograd HVPs, ∇f, one "
+            f"mixed vjp): {_ms(res.work):.4g} ms;  overhead ratio {OURS_REFERENCE} hypergrad / that: "
+            + ("-" if ratio is None else f"{ratio:.2f}x")
+        )
     mine = res.row(OURS_REFERENCE)
     for p, theirs in peers.items():
         if mine is not None and theirs is not None:
@@ -681,6 +758,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1, help="untimed runs first (default 1)")
     p.add_argument("--threads", type=int, default=None, help="threads for torch and XLA (default: all cores)")
     p.add_argument("--dtype", choices=["float64", "float32"], default="float64")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="where the torch methods run (cuda: default size 1000000x1000; skipped cleanly "
+                   "when no GPU is available)")
     p.add_argument("--T", type=int, default=200, help="inner GD steps (default 200)")
     p.add_argument("--K", type=int, default=30, help="linear-solver steps (default 30)")
     p.add_argument("--step", type=float, default=0.5, help="GD step size η (default 0.5)")
@@ -693,7 +773,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", default="benchmarks/results/logreg.json", help="JSON output path")
     args = p.parse_args(argv)
     if args.sizes is None:
-        args.sizes = [(1000, 100)] if args.quick else [(2000, 200), (10000, 1000)]
+        if args.quick:
+            args.sizes = [(1000, 100)]
+        else:
+            args.sizes = [(1_000_000, 1000)] if args.device == "cuda" else [(2000, 200), (10000, 1000)]
     if args.repeats is None:
         args.repeats = 3 if args.quick else 5
     for name in ("repeats", "T", "K"):
@@ -706,6 +789,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("--device cuda: no CUDA GPU here (torch.cuda.is_available() is False); nothing to run, skipped.")
+        return 0
     # TorchOpt 0.7 calls the deprecated functorch.vjp: one FutureWarning, not ours to fix.
     warnings.filterwarnings("ignore", message=r".*functorch\.vjp.*", category=FutureWarning)
     threads = configure_threads(args.threads)  # before anything imports jax
@@ -727,6 +813,8 @@ def main(argv: list[str] | None = None) -> int:
             "sizes": [list(s) for s in args.sizes], "T": args.T, "K": args.K, "step": args.step,
             "dtype": args.dtype, "repeats": args.repeats, "warmup": args.warmup, "seed": args.seed,
             "threads": args.threads, "peers": not args.skip_peers, "tta_target": args.tta,
+            "device": args.device,
+            "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
         },
         "machine": machine_info(threads),
         "notes": notes,

@@ -33,3 +33,51 @@ def test_newton_cg_bad_input():
         bl.newton_cg(p.inner_loss, p.params, p.hparams, maxiter=-1)
     with pytest.raises(ValueError, match="NaN"):
         bl.newton_cg(p.inner_loss, p.params * float("nan"), p.hparams)
+
+
+@pytest.mark.parametrize("make", [ridge, logistic, ridge_dict], ids=lambda f: f.__name__)
+def test_lbfgs_reaches_the_solution(make):
+    p = make()
+    w0 = torch.utils._pytree.tree_map(torch.zeros_like, p.params)
+    w, info = bl.lbfgs(p.inner_loss, w0, p.hparams, tol=1e-13)
+    assert info.converged and info.grad_norm < 1e-12 and info.hvps == 0
+    assert info.evaluations >= info.iterations + 1
+    assert rel_err(w, p.params) < 1e-10
+    assert rel_err(bl.hypergrad(p.outer_loss, w, p.hparams, inner_loss=p.inner_loss), p.exact) < 1e-9
+
+
+def test_lbfgs_on_rosenbrock_and_its_limits():
+    # a curved valley: L-BFGS must keep only positive-curvature pairs and still converge
+    def rosen(w, a):
+        return (a - w[0]) ** 2 + 100.0 * (w[1] - w[0] ** 2) ** 2
+
+    a = torch.tensor(1.0, dtype=torch.float64)
+    w, info = bl.lbfgs(rosen, torch.tensor([-1.2, 1.0], dtype=torch.float64), a, tol=1e-12, maxiter=500)
+    assert info.converged and torch.allclose(w, torch.ones(2, dtype=torch.float64), atol=1e-9)
+    # maxiter reached: not converged, reported as such; maxiter=0 returns params0
+    w1, info1 = bl.lbfgs(rosen, torch.tensor([-1.2, 1.0], dtype=torch.float64), a, maxiter=3)
+    assert not info1.converged and info1.iterations == 3
+    w0, info0 = bl.lbfgs(rosen, torch.tensor([-1.2, 1.0], dtype=torch.float64), a, maxiter=0)
+    assert w0.tolist() == [-1.2, 1.0] and info0.iterations == 0
+
+
+def test_lbfgs_bad_input():
+    p = ridge()
+    with pytest.raises(ValueError, match="inner_loss should return a scalar"):
+        bl.lbfgs(lambda w, lam: w, p.params, p.hparams)
+    with pytest.raises(ValueError, match="history"):
+        bl.lbfgs(p.inner_loss, p.params, p.hparams, history=0)
+    with pytest.raises(ValueError, match="NaN"):
+        bl.lbfgs(p.inner_loss, p.params * float("nan"), p.hparams)
+    with pytest.raises(bl.linear_solve.SolverError, match="NaN/Inf"):
+        bl.lbfgs(lambda w, lam: (w.log() * lam[0]).sum(), -torch.ones(3, dtype=torch.float64), p.hparams)
+
+
+def test_lbfgs_under_vmap_is_refused_or_matches_loop():
+    # under torch.func transforms the solver uses torch.func; with data-dependent control
+    # flow (line search) vmap cannot run it: the error must say so, not return garbage
+    p = ridge()
+    lams = torch.stack([p.hparams, p.hparams * 1.5])
+    w0 = torch.zeros_like(p.params)
+    with pytest.raises(RuntimeError):
+        torch.func.vmap(lambda lam: bl.lbfgs(p.inner_loss, w0, lam)[0])(lams)

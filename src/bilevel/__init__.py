@@ -17,7 +17,7 @@ from bilevel.linear_solve import (
     SolverError,
     solve,
 )
-from bilevel.minimize import MinimizeInfo, newton_cg
+from bilevel.minimize import MinimizeInfo, lbfgs, newton_cg
 from bilevel.nonsmooth import (
     CompositeMap,
     NSIDInfo,
@@ -54,6 +54,7 @@ __all__ = [
     "Picard",
     "nn",
     "newton_cg",
+    "lbfgs",
     "MinimizeInfo",
     "linear_solve",
     "solve",

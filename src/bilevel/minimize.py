@@ -1,4 +1,6 @@
-"""A fast inner solver: truncated Newton–CG over pytrees, for ``min_w g(w, λ)``.
+"""Fast inner solvers over pytrees for ``min_w g(w, λ)``: truncated Newton–CG and L-BFGS.
+
+Newton–CG:
 
 Each iteration solves ``H d = ∇_w g`` inexactly by CG (Hessian–vector products from one
 vjp closure of ``∇_w g``, as in the hypergradient itself) with the forcing tolerance
@@ -7,10 +9,16 @@ vjp closure of ``∇_w g``, as in the hypergradient itself) with the forcing tol
 the step falls back to the gradient direction.  It reaches machine-precision inner
 solutions in a few dozen Hessian–vector products on smooth strongly convex problems,
 which is what an exact hypergradient needs.
+
+L-BFGS (Nocedal 1980; Nocedal & Wright, Alg. 7.4): the two-loop recursion over the last
+``history`` pairs ``(s, y)``, initial scaling ``γ = sᵀy / yᵀy``, Armijo backtracking; a pair
+is kept only when ``sᵀy > 0``.  One gradient per iteration (no Hessian–vector products),
+so on data-bound problems (one pass over the data per gradient) it is the cheaper of the two.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -19,22 +27,26 @@ import torch
 from torch.func import grad_and_value, vjp
 
 from bilevel import _tree as T
-from bilevel.implicit import _check_input_finite, _leaves, _scalar, _tree_fn
+from bilevel.implicit import _check_input_finite, _fresh_leaves, _grads, _leaves, _plain_autograd, _scalar, _tree_fn
 from bilevel.linear_solve import CG, SolverError, _item, solve_leaves
 
-__all__ = ["newton_cg", "MinimizeInfo"]
+Leaves = list[torch.Tensor]
+
+__all__ = ["newton_cg", "lbfgs", "MinimizeInfo"]
 
 
 @dataclass(frozen=True)
 class MinimizeInfo:
-    """``iterations`` (Newton steps), ``hvps`` (Hessian–vector products in CG),
-    ``grad_norm`` = ‖∇_w g‖ at the returned params, ``converged``, ``loss``."""
+    """``iterations`` (Newton or L-BFGS steps), ``hvps`` (Hessian–vector products in CG; 0 for
+    L-BFGS), ``grad_norm`` = ‖∇_w g‖ at the returned params, ``converged``, ``loss``,
+    ``evaluations`` (gradient evaluations, line search included)."""
 
     iterations: int
     hvps: int
     grad_norm: float
     converged: bool
     loss: float
+    evaluations: int = 0
 
 
 def newton_cg(
@@ -71,8 +83,17 @@ def newton_cg(
     hvps, k = 0, 0
     gnorm0 = None
     converged = False
+    plain = _plain_autograd(w, lam)
     for k in range(maxiter + 1):
-        gw, hvp, fval = vjp(grad_g, w, has_aux=True)
+        if plain:  # ordinary autograd, graph of ∇g kept for this step's HVPs (faster than vjp)
+            with torch.enable_grad():
+                wr = _fresh_leaves(w)
+                fval = loss(wr)
+                gw_graph = _grads(fval, wr, create_graph=True)
+            gw = [t.detach() for t in gw_graph]
+            hvp = lambda v, gw_graph=gw_graph, wr=wr: (_grads(gw_graph, wr, v),)  # noqa: E731
+        else:
+            gw, hvp, fval = vjp(grad_g, w, has_aux=True)
         gnorm = _item(T.norm(gw))
         if gnorm0 is None:
             gnorm0 = max(1.0, gnorm)
@@ -95,9 +116,127 @@ def newton_cg(
         f0, t = _item(fval), 1.0
         while t > 1e-10:
             w_new = T.axpy(-t, d, w)
-            if _item(loss(w_new)) <= f0 - 1e-4 * t * slope:
+            with torch.no_grad():  # no graph for line-search trials
+                trial = _item(loss(w_new))
+            if trial <= f0 - 1e-4 * t * slope:
                 break
             t *= 0.5
         w = w_new
-    info = MinimizeInfo(k, hvps, gnorm, converged, _item(loss(w)))
+        wr = gw_graph = hvp = None  # free this step's graph before the next is built
+    with torch.no_grad():
+        final = _item(loss(w))
+    info = MinimizeInfo(k, hvps, gnorm, converged, final)
     return T.tree_unflatten(w, wspec), info
+
+
+def _value_and_grad(loss: Callable[[Leaves], torch.Tensor], plain: bool) -> Callable[[Leaves], tuple[float, Leaves]]:
+    """w ↦ (g(w) as a float, ∇g(w)): plain autograd outside torch.func transforms."""
+    if not plain:
+        grad_g = grad_and_value(loss)
+
+        def under_transform(w: Leaves) -> tuple[float, Leaves]:
+            gw, fval = grad_g(w)
+            return _item(fval), list(gw)
+
+        return under_transform
+
+    def eager(w: Leaves) -> tuple[float, Leaves]:
+        with torch.enable_grad():
+            wr = _fresh_leaves(w)
+            fval = loss(wr)
+            return fval.item(), _grads(fval, wr)
+
+    return eager
+
+
+def lbfgs(
+    inner_loss: Callable[[Any, Any], torch.Tensor],
+    params0: Any,
+    hparams: Any,
+    *,
+    maxiter: int = 500,
+    tol: float = 1e-10,
+    history: int = 10,
+) -> tuple[Any, MinimizeInfo]:
+    """Minimise ``inner_loss(params, hparams)`` over ``params`` from ``params0`` by L-BFGS.
+
+    Stops when ``‖∇_w g‖ ≤ tol·max(1, ‖∇_w g(params0)‖)`` or after ``maxiter`` steps.
+    Returns ``(params, MinimizeInfo)``, ``params`` detached and shaped like ``params0``.
+    ``g`` should be differentiable and bounded below; the hypergradient at the result is
+    as accurate as the result is stationary (check ``info.grad_norm``).
+    """
+    if not isinstance(maxiter, int) or isinstance(maxiter, bool) or maxiter < 0:
+        raise ValueError(f"maxiter should be an int >= 0, not {maxiter!r}.")
+    if not isinstance(history, int) or isinstance(history, bool) or history < 1:
+        raise ValueError(f"history should be an int >= 1, not {history!r}.")
+    if not tol >= 0:
+        raise ValueError(f"tol should be >= 0, not {tol!r}.")
+    w, wspec = _leaves(params0, "params0")
+    lam, lspec = _leaves(hparams, "hparams")
+    w = [t.detach() for t in w]
+    lam = [t.detach() for t in lam]
+    _check_input_finite(w, "params0")
+    g = _tree_fn(inner_loss, wspec, lspec)
+
+    def loss(wl: Leaves) -> torch.Tensor:
+        return _scalar(g(wl, lam), "inner_loss")
+
+    value_and_grad = _value_and_grad(loss, _plain_autograd(w, lam))
+    fval, gw = value_and_grad(w)
+    evals, k, converged = 1, 0, False
+    gnorm = _item(T.norm(gw))
+    scale = max(1.0, gnorm)
+    pairs: list[tuple[Leaves, Leaves, float]] = []  # (s, y, 1 / yᵀs), oldest first
+    eps = torch.finfo(w[0].dtype).eps
+    for k in range(maxiter + 1):
+        if not (math.isfinite(fval) and math.isfinite(gnorm)):
+            raise SolverError("lbfgs: NaN/Inf loss or gradient; check inner_loss and params0.")
+        if gnorm <= tol * scale:
+            converged = True
+            break
+        if k == maxiter:
+            break
+        d = _two_loop(gw, pairs)  # ≈ H⁻¹ ∇g
+        slope = _item(T.vdot(gw, d))
+        if not slope > 0:  # not a descent direction (rounding, or a stale pair): restart
+            pairs.clear()
+            d, slope = T.scale(1.0 / gnorm, gw), gnorm
+        t = 1.0
+        # near the solution, loss differences fall below rounding and Armijo cannot be
+        # checked: there a step that keeps the loss within rounding and shrinks ‖∇g‖ counts
+        slack = 100 * eps * max(1.0, abs(fval))
+        while True:
+            w_new = T.axpy(-t, d, w)
+            f_new, g_new = value_and_grad(w_new)
+            evals += 1
+            gnorm_new = _item(T.norm(g_new))
+            if f_new <= fval - 1e-4 * t * slope or (f_new <= fval + slack and gnorm_new < gnorm) or t < 1e-12:
+                break
+            t *= 0.5
+        s_k, y_k = T.sub(w_new, w), T.sub(g_new, gw)
+        sy = _item(T.vdot(s_k, y_k))
+        if sy > 1e-12 * _item(T.norm(s_k)) * _item(T.norm(y_k)):  # curvature pair usable
+            pairs.append((s_k, y_k, 1.0 / sy))
+            if len(pairs) > history:
+                pairs.pop(0)
+        w, fval, gw, gnorm = w_new, f_new, g_new, gnorm_new
+    info = MinimizeInfo(k, 0, gnorm, converged, fval, evals)
+    return T.tree_unflatten(w, wspec), info
+
+
+def _two_loop(gw: Leaves, pairs: list[tuple[Leaves, Leaves, float]]) -> Leaves:
+    """H_k ∇g by the L-BFGS two-loop recursion; H_0 = (sᵀy / yᵀy) I from the newest pair."""
+    q, alphas = list(gw), []
+    for s_i, y_i, rho in reversed(pairs):
+        a = rho * _item(T.vdot(s_i, q))
+        q = T.axpy(-a, y_i, q)
+        alphas.append(a)
+    if pairs:
+        s_n, y_n, rho = pairs[-1]
+        q = T.scale(1.0 / (rho * _item(T.vdot(y_n, y_n))), q)
+    else:  # first step: unit length along the gradient
+        q = T.scale(1.0 / max(_item(T.norm(q)), 1e-300), q)
+    for (s_i, y_i, rho), a in zip(pairs, reversed(alphas)):
+        b = rho * _item(T.vdot(y_i, q))
+        q = T.axpy(a - b, s_i, q)
+    return q
