@@ -153,3 +153,33 @@ def test_cg_device_path_equals_host_path(monkeypatch, tol):
     A2, b2, _ = _system("indefinite")
     with pytest.raises(SolverError, match="non-positive curvature"):
         bl.solve(lambda v: A2 @ v, b2, bl.CG(maxiter=200))
+
+
+@pytest.mark.parametrize("host", [True, False])
+def test_preconditioned_cg(monkeypatch, host):
+    import bilevel.linear_solve as ls
+
+    if not host:
+        monkeypatch.setattr(ls, "_host_scalars", lambda b: False)
+    g = torch.Generator().manual_seed(4)
+    n = 40
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=D))
+    scales = torch.logspace(0, 4, n, dtype=D)  # condition number 1e4, badly scaled
+    A = torch.diag(scales.sqrt()) @ (Q @ torch.diag(torch.linspace(1, 3, n, dtype=D)) @ Q.T) @ torch.diag(scales.sqrt())
+    b = torch.randn(n, generator=g, dtype=D)
+    xs = torch.linalg.solve(A, b)
+    plain = bl.solve(lambda v: A @ v, b, bl.CG(maxiter=500, tol=1e-12))
+    jacobi = bl.solve(lambda v: A @ v, b, bl.CG(maxiter=500, tol=1e-12), precond=lambda r: r / A.diagonal())
+    assert jacobi[1].converged and _err(jacobi[0], xs) < 1e-9
+    assert jacobi[1].iterations < plain[1].iterations / 2, (jacobi[1], plain[1])
+    assert info_residual_is_true(A, b, *jacobi)
+    exact = bl.solve(lambda v: A @ v, b, bl.CG(maxiter=5, tol=1e-12), precond=lambda r: torch.linalg.solve(A, r))
+    assert exact[1].iterations == 1 and _err(exact[0], xs) < 1e-10
+    with pytest.raises(SolverError, match="not positive definite"):
+        bl.solve(lambda v: A @ v, b, bl.CG(), precond=lambda r: -r)
+    with pytest.raises(ValueError, match="CG"):
+        bl.solve(lambda v: A @ v, b, bl.GMRES(), precond=lambda r: r)
+
+
+def info_residual_is_true(A, b, x, info):
+    return info.residual == pytest.approx(((b - A @ x).norm() / b.norm()).item(), rel=1e-3, abs=1e-14)

@@ -306,6 +306,7 @@ def hypergrad(
     fixed_point: Callable[[Any, Any], Any] | None = None,
     solver: Solver = CG(),
     init: Any = None,
+    precond: Callable[[Any], Any] | None = None,
     return_info: bool = False,
 ) -> Any:
     """Hypergradient ``∇F(λ)`` of ``F(λ) = f(w(λ), λ)`` by implicit differentiation (AID).
@@ -319,7 +320,9 @@ def hypergrad(
     ``solver`` is a value from :mod:`bilevel.linear_solve`.  ``CG``/``MINRES`` need a
     symmetric system: always so for ``inner_loss``; for a ``fixed_point`` the symmetry is
     checked with two random probes and a non-symmetric map is refused.  ``init`` warm
-    starts the linear solve (e.g. ``info.v`` of the previous call).
+    starts the linear solve (e.g. ``info.v`` of the previous call).  ``precond(v) ≈ A⁻¹ v``
+    (SPD, on pytrees shaped like ``params``) preconditions CG, e.g. the ``inverse_hessian``
+    that :func:`bilevel.lbfgs` returns for the same inner problem.
 
     Returns a pytree shaped like ``hparams`` (detached), or ``(hypergrad, HypergradInfo)``
     with ``return_info=True``.  Errors are raised for a non-scalar loss, mismatched
@@ -345,7 +348,8 @@ def hypergrad(
         x0, ispec = T.tree_flatten(init)
         if ispec != wspec or any(a.shape != b.shape for a, b in zip(x0, w)):
             raise ValueError(f"init should be shaped like params, got {T.describe(init)}.")
-    v, sinfo = solve_leaves(op.matvec, gw, solver, x0, op.rmatvec if isinstance(solver, NormalCG) else None)
+    pc = None if precond is None else T.flat_fn(precond, wspec)
+    v, sinfo = solve_leaves(op.matvec, gw, solver, x0, op.rmatvec if isinstance(solver, NormalCG) else None, pc)
     check_finite(v, f"the linear-system solution v ({sinfo.solver}, {sinfo.iterations} iterations)")
     hg = T.add(gl, op.cross(v))
     check_finite(hg, "the hypergradient")

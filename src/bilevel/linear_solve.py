@@ -222,6 +222,12 @@ _CG_CURVATURE = (
 )
 
 
+_PRECOND_NOT_SPD = (
+    "CG: <r, M r> <= 0 for the preconditioner M: it is not positive definite. Pass an "
+    "SPD approximation of A⁻¹ as precond (e.g. lbfgs's info.inverse_hessian), or none."
+)
+
+
 def _safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     """num / den, and 0 where den == 0 (a converged or broken-down Krylov step)."""
     return torch.where(den != 0, num / torch.where(den != 0, den, torch.ones_like(den)), 0 * num)
@@ -270,17 +276,22 @@ def _host_scalars(b: Leaves) -> bool:
     return True
 
 
-def _cg(matvec: MatVec, b: Leaves, x: Leaves | None, maxiter: int, tol: float):
+def _cg(matvec: MatVec, b: Leaves, x: Leaves | None, maxiter: int, tol: float, precond: MatVec | None = None):
+    # Preconditioned CG (M ≈ A⁻¹ SPD; M = I without precond): z = M r, ρ = <r, z>.
     if _host_scalars(b):
-        return _cg_host(matvec, b, x, maxiter, tol)
+        return _cg_host(matvec, b, x, maxiter, tol, precond)
     bnorm = T.norm(b)
     mon = _Monitor(b[0], bnorm, tol)
     if x is None:
         x, r = T.zeros_like(b), list(b)
     else:
         r = T.sub(b, matvec(x))
-    p, rr = list(r), T.vdot(r, r)
+    z = r if precond is None else precond(r)
+    rho = T.vdot(r, z)
+    rr = rho if precond is None else T.vdot(r, r)
+    p = list(z)
     bad_curvature = torch.zeros((), dtype=torch.bool, device=b[0].device)
+    bad_precond = bad_curvature
     noise = (1e3 * torch.finfo(bnorm.dtype).eps * bnorm) ** 2
     k = 0
     while not mon.done(k, rr.sqrt()) and k < maxiter:
@@ -289,37 +300,50 @@ def _cg(matvec: MatVec, b: Leaves, x: Leaves | None, maxiter: int, tol: float):
         # negative curvature only counts while the residual is above rounding level: at
         # convergence <p, Ap> is rounding noise and may be <= 0 on a positive definite A
         bad_curvature = bad_curvature | ((pap <= 0) & (rr > noise))
-        alpha = _safe_div(rr, pap)
+        if precond is not None:
+            bad_precond = bad_precond | ((rho <= 0) & (rr > noise))
+        alpha = _safe_div(rho, pap)
         x = T.axpy(alpha, p, x)
         r = T.axpy(-alpha, ap, r)
-        rr_new = T.vdot(r, r)
-        p = T.axpy(_safe_div(rr_new, rr), p, r)
-        rr = rr_new
+        z = r if precond is None else precond(r)
+        rho_new = T.vdot(r, z)
+        rr = rho_new if precond is None else T.vdot(r, r)
+        p = T.axpy(_safe_div(rho_new, rho), p, z)
+        rho = rho_new
         k += 1
-        if not mon.batched and not (k % mon.every) and bool(bad_curvature):
-            raise SolverError(_CG_CURVATURE)
+        if not mon.batched and not (k % mon.every) and bool(bad_curvature | bad_precond):
+            raise SolverError(_PRECOND_NOT_SPD if bool(bad_precond) else _CG_CURVATURE)
     return x, k, rr.sqrt() / torch.where(bnorm > 0, bnorm, torch.ones_like(bnorm))
 
 
-def _cg_host(matvec: MatVec, b: Leaves, x: Leaves | None, maxiter: int, tol: float):
+def _cg_host(
+    matvec: MatVec, b: Leaves, x: Leaves | None, maxiter: int, tol: float, precond: MatVec | None = None
+):
     """:func:`_cg` with its scalars as Python floats (same iterates, same checks)."""
     bnorm = T.norm(b).item()
     if x is None:
         x, r = T.zeros_like(b), list(b)
     else:
         r = T.sub(b, matvec(x))
-    p, rr = list(r), T.vdot(r, r).item()
+    z = r if precond is None else precond(r)
+    rho = T.vdot(r, z).item()
+    rr = rho if precond is None else T.vdot(r, r).item()
+    p = list(z)
     noise = (1e3 * torch.finfo(b[0].dtype).eps * bnorm) ** 2
     k = 0
     while not (tol != 0 and math.sqrt(rr) <= tol * bnorm) and k < maxiter:
+        if precond is not None and rho <= 0 and rr > noise:
+            raise SolverError(_PRECOND_NOT_SPD)
         ap = matvec(p)
         pap = T.vdot(p, ap).item()
-        alpha = rr / pap if pap != 0 else 0.0
+        alpha = rho / pap if pap != 0 else 0.0
         x = T.axpy(alpha, p, x)
         r = T.axpy(-alpha, ap, r)
-        rr_new = T.vdot(r, r).item()
-        p = T.axpy(rr_new / rr if rr != 0 else 0.0, p, r)
-        rr_old, rr = rr, rr_new
+        z = r if precond is None else precond(r)
+        rho_new = T.vdot(r, z).item()
+        rr_old, rr = rr, rho_new if precond is None else T.vdot(r, r).item()
+        p = T.axpy(rho_new / rho if rho != 0 else 0.0, p, z)
+        rho = rho_new
         k += 1
         if pap <= 0 and rr_old > noise:  # see _cg: rounding-level curvature does not count
             raise SolverError(_CG_CURVATURE)
@@ -472,16 +496,19 @@ def solve_leaves(
     solver: Solver,
     init: Leaves | None = None,
     rmatvec: MatVec | None = None,
+    precond: MatVec | None = None,
 ) -> tuple[Leaves, SolveInfo]:
     """:func:`solve` on flat lists of leaves (no pytree handling); the core calls this."""
     check_solver(solver)
     name = type(solver).__name__
+    if precond is not None and not isinstance(solver, CG):
+        raise ValueError(f"precond is used by CG() only, not by {name}(); drop it or use CG().")
     if isinstance(solver, FixedPoint):
         x, k, res = _richardson(matvec, b, init, solver.step, solver.maxiter, solver.tol, name)
     elif isinstance(solver, Neumann):
         x, k, res = _richardson(matvec, b, None, solver.step, solver.maxiter, solver.tol, name)
     elif isinstance(solver, CG):
-        x, k, res = _cg(matvec, b, init, solver.maxiter, solver.tol)
+        x, k, res = _cg(matvec, b, init, solver.maxiter, solver.tol, precond)
     elif isinstance(solver, MINRES):
         x, k, res = _minres(matvec, b, init, solver.maxiter, solver.tol)
     elif isinstance(solver, GMRES):
@@ -507,12 +534,14 @@ def solve(
     *,
     init: Any = None,
     rmatvec: Callable[[Any], Any] | None = None,
+    precond: Callable[[Any], Any] | None = None,
 ) -> tuple[Any, SolveInfo]:
     """Solve ``A x = rhs`` matrix-free.
 
     ``matvec(x) = A x`` maps a pytree shaped like ``rhs`` to one of the same shape;
     ``rmatvec(y) = Aᵀ y`` is needed by ``NormalCG`` only.  ``init`` is a warm start
-    (ignored by ``Neumann`` and ``Dense``).  Returns ``(x, SolveInfo)``, ``x`` shaped
+    (ignored by ``Neumann`` and ``Dense``).  ``precond(r) = M r`` with ``M ≈ A⁻¹``
+    symmetric positive definite turns CG into preconditioned CG (CG only).  Returns ``(x, SolveInfo)``, ``x`` shaped
     like ``rhs``.  Raises :class:`NotContractionError` when a Richardson iteration
     diverges and :class:`SolverError` on NaN/Inf.
     """
@@ -530,7 +559,8 @@ def solve(
                 f"init should have the structure of rhs ({T.describe(rhs)}), "
                 f"not {T.describe(init)}."
             )
-    x, info = solve_leaves(mv, b, solver, x0, rmv)
+    pc = None if precond is None else _checked(T.flat_fn(precond, spec), b, "precond")
+    x, info = solve_leaves(mv, b, solver, x0, rmv, pc)
     check_finite(x, "the solution of the linear system")
     return T.tree_unflatten(x, spec), info
 

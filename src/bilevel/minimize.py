@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -39,7 +39,10 @@ __all__ = ["newton_cg", "lbfgs", "MinimizeInfo"]
 class MinimizeInfo:
     """``iterations`` (Newton or L-BFGS steps), ``hvps`` (Hessian–vector products in CG; 0 for
     L-BFGS), ``grad_norm`` = ‖∇_w g‖ at the returned params, ``converged``, ``loss``,
-    ``evaluations`` (gradient evaluations, line search included)."""
+    ``evaluations`` (gradient evaluations, line search included).  ``inverse_hessian``
+    (L-BFGS only): ``v ↦ H_k v``, the SPD L-BFGS approximation of ``(∇²_w g)⁻¹`` from the
+    last pairs, on pytrees shaped like params — a preconditioner for the hypergradient's
+    CG: ``hypergrad(..., solver=CG(), precond=info.inverse_hessian)``."""
 
     iterations: int
     hvps: int
@@ -47,6 +50,7 @@ class MinimizeInfo:
     converged: bool
     loss: float
     evaluations: int = 0
+    inverse_hessian: Callable[[Any], Any] | None = field(default=None, repr=False, compare=False)
 
 
 def newton_cg(
@@ -196,7 +200,7 @@ def lbfgs(
             break
         if k == maxiter:
             break
-        d = _two_loop(gw, pairs)  # ≈ H⁻¹ ∇g
+        d = _two_loop(gw, pairs) if pairs else T.scale(1.0 / gnorm, gw)  # ≈ H⁻¹ ∇g
         slope = _item(T.vdot(gw, d))
         if not slope > 0:  # not a descent direction (rounding, or a stale pair): restart
             pairs.clear()
@@ -220,23 +224,28 @@ def lbfgs(
             if len(pairs) > history:
                 pairs.pop(0)
         w, fval, gw, gnorm = w_new, f_new, g_new, gnorm_new
-    info = MinimizeInfo(k, 0, gnorm, converged, fval, evals)
+    kept = list(pairs)
+
+    def inverse_hessian(v: Any) -> Any:
+        leaves, spec = T.tree_flatten(v)
+        return T.tree_unflatten(_two_loop(leaves, kept), spec)
+
+    info = MinimizeInfo(k, 0, gnorm, converged, fval, evals, inverse_hessian)
     return T.tree_unflatten(w, wspec), info
 
 
-def _two_loop(gw: Leaves, pairs: list[tuple[Leaves, Leaves, float]]) -> Leaves:
-    """H_k ∇g by the L-BFGS two-loop recursion; H_0 = (sᵀy / yᵀy) I from the newest pair."""
-    q, alphas = list(gw), []
+def _two_loop(q: Leaves, pairs: list[tuple[Leaves, Leaves, float]]) -> Leaves:
+    """H_k q by the L-BFGS two-loop recursion, H_0 = (sᵀy / yᵀy) I from the newest pair; a
+    linear, symmetric positive definite map of q (the identity with no pairs)."""
+    if not pairs:
+        return list(q)
+    alphas = []
     for s_i, y_i, rho in reversed(pairs):
-        a = rho * _item(T.vdot(s_i, q))
+        a = rho * T.vdot(s_i, q)
         q = T.axpy(-a, y_i, q)
         alphas.append(a)
-    if pairs:
-        s_n, y_n, rho = pairs[-1]
-        q = T.scale(1.0 / (rho * _item(T.vdot(y_n, y_n))), q)
-    else:  # first step: unit length along the gradient
-        q = T.scale(1.0 / max(_item(T.norm(q)), 1e-300), q)
+    _, y_n, rho_n = pairs[-1]
+    q = T.scale(1.0 / (rho_n * T.vdot(y_n, y_n)), q)
     for (s_i, y_i, rho), a in zip(pairs, reversed(alphas)):
-        b = rho * _item(T.vdot(y_i, q))
-        q = T.axpy(a - b, s_i, q)
+        q = T.axpy(a - rho * T.vdot(y_i, q), s_i, q)
     return q
