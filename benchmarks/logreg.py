@@ -233,16 +233,18 @@ def ours(prob: TorchProblem, T: int, K: int, w_T: torch.Tensor) -> list[Method]:
 
 def inner_solver_method(prob: TorchProblem, T: int, K: int, solver: str) -> Method:
     """Ours with its own inner solver, ``bilevel.newton_cg`` or ``bilevel.lbfgs`` (T steps,
-    tol=0), then AID-CG (K steps, tol=0).  ``T`` counts Newton / L-BFGS steps, not GD steps."""
+    tol=0), then AID-CG (K steps, tol=0; "lbfgs-pcg": preconditioned by the L-BFGS inverse
+    Hessian).  ``T`` counts Newton / L-BFGS steps, not GD steps."""
     zeros = torch.zeros_like(prob.lam)
     minimize = bilevel.newton_cg if solver == "newton" else bilevel.lbfgs
 
     def pipeline(_: Any) -> torch.Tensor:
-        w, _info = minimize(prob.inner_loss, zeros, prob.lam, maxiter=T, tol=0.0)
+        w, info = minimize(prob.inner_loss, zeros, prob.lam, maxiter=T, tol=0.0)
+        precond = info.inverse_hessian if solver == "lbfgs-pcg" else None
         return bilevel.hypergrad(prob.outer_loss, w, prob.lam, inner_loss=prob.inner_loss,
-                                 solver=bilevel.CG(maxiter=K, tol=0.0))
+                                 solver=bilevel.CG(maxiter=K, tol=0.0), precond=precond)
 
-    name = "Newton-CG + AID-CG" if solver == "newton" else "LBFGS + AID-CG"
+    name = {"newton": "Newton-CG + AID-CG", "lbfgs": "LBFGS + AID-CG", "lbfgs-pcg": "LBFGS + AID-PCG"}[solver]
     return Method(name, "bilevel", pipeline, lambda _: None, note="T = Newton / L-BFGS steps")
 
 
@@ -605,6 +607,8 @@ def tta_candidates(data: Data, prob: TorchProblem, args: argparse.Namespace, not
         Candidate("Newton-CG + AID-CG", lambda T, K: inner_solver_method(prob, T, K, "newton"),
                   [2**i for i in range(7)], Kcg),
         Candidate("LBFGS + AID-CG", lambda T, K: inner_solver_method(prob, T, K, "lbfgs"),
+                  [10 * 2**i for i in range(args.tta_doublings + 2)], Kcg),
+        Candidate("LBFGS + AID-PCG", lambda T, K: inner_solver_method(prob, T, K, "lbfgs-pcg"),
                   [10 * 2**i for i in range(args.tta_doublings + 2)], Kcg),
     ]
     if args.skip_peers:

@@ -70,8 +70,12 @@ def vdot(x: Sequence[torch.Tensor], y: Sequence[torch.Tensor]) -> torch.Tensor:
     """<x, y> summed over all leaves, a 0-d tensor."""
     # torch.dot on flat views: one kernel, no x*y temporary (it batches under vmap too)
     if len(x) == 1:
-        return torch.dot(x[0].reshape(-1), y[0].reshape(-1))
-    return sum(torch.dot(xi.reshape(-1), yi.reshape(-1)) for xi, yi in zip(x, y))  # type: ignore[return-value]
+        return torch.dot(_flat(x[0]), _flat(y[0]))
+    return sum(torch.dot(_flat(xi), _flat(yi)) for xi, yi in zip(x, y))  # type: ignore[return-value]
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dim() == 1 else t.reshape(-1)
 
 
 def norm(x: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -337,8 +337,15 @@ def hypergrad(
     _check_input_finite(lam, "hparams")
 
     f = _tree_fn(outer_loss, wspec, lspec)
-    fval, f_vjp = vjp(lambda wl, ll: _scalar(f(wl, ll), "outer_loss"), w, lam)
-    gw, gl = f_vjp(torch.ones_like(fval))
+    if _plain_autograd(w, lam):
+        with torch.enable_grad():
+            wr, lr = _fresh_leaves(w), _fresh_leaves(lam)
+            fval = _scalar(f(wr, lr), "outer_loss")
+            both = _grads(fval, wr + lr)
+        gw, gl, fval = both[: len(w)], both[len(w) :], fval.detach()
+    else:
+        fval, f_vjp = vjp(lambda wl, ll: _scalar(f(wl, ll), "outer_loss"), w, lam)
+        gw, gl = f_vjp(torch.ones_like(fval))
     check_finite(gw, "∇_w outer_loss")
 
     op = implicit_operator(w, lam, wspec, lspec, inner_loss=inner_loss, fixed_point=fixed_point)
