@@ -642,6 +642,8 @@ def time_to_accuracy(
     target, tag = args.tta, f"[{data.X.shape[0]}x{prob.lam.numel()}]"
     out = []
     for c in tta_candidates(data, prob, args, notes):
+        if args.tta_methods and not any(c.name.startswith(m) for m in args.tta_methods):
+            continue
         _log(f"{tag} time to rel. err <= {target:g}: {c.name} ...")
 
         def error(T: int, K: int, c: Candidate = c) -> float:
@@ -774,6 +776,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tta", type=float, default=None, metavar="TARGET",
                    help="also report time to rel. err <= TARGET (e.g. 1e-6)")
     p.add_argument("--tta-doublings", type=int, default=5, help="T doubles at most this many times (default 5)")
+    p.add_argument("--tta-methods", type=lambda t: [m.strip() for m in t.split(",") if m.strip()], default=None,
+                   help="comma-separated name prefixes of the methods in the time-to-accuracy table "
+                   "(default all), e.g. 'AID-CG,LBFGS,TorchOpt,JAXopt'")
     p.add_argument("--out", default="benchmarks/results/logreg.json", help="JSON output path")
     args = p.parse_args(argv)
     if args.sizes is None:

@@ -183,7 +183,7 @@ def test_autograd_and_torch_func_operators_agree(name, monkeypatch):
     # Outside torch.func transforms the IFT operator runs on plain autograd with a retained
     # graph (faster); under vmap/grad it runs on torch.func closures. Same numbers, every
     # form, every solver family; the torch.func side is forced here by a monkeypatch.
-    core = importlib.import_module("bilevel.implicit")  # the module, not the decorator
+    core = importlib.import_module("bilevel.ift")
 
     p = PROBLEMS[name]()
     solvers = [bl.GMRES(), bl.NormalCG(), bl.Dense()] + ([] if name == "linear_fp" else [bl.CG()])

@@ -3,7 +3,7 @@
 from bilevel import linear_solve, nn, nonsmooth, prox
 from bilevel.custom import ConvergenceWarning, ImplicitInfo, implicit
 from bilevel.fixed_point_solve import Anderson, Picard, fixed_point_solve
-from bilevel.implicit import HypergradInfo, hypergrad
+from bilevel.ift import HypergradInfo, hypergrad
 from bilevel.linear_solve import (
     CG,
     GMRES,

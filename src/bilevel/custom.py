@@ -4,7 +4,7 @@
 The solver's body runs under ``torch.no_grad()`` (no graph, no memory for its steps); the
 returned ``params_star`` is attached to ``hparams`` (and to the ``*args`` marked in
 ``diff_args``) by a :class:`torch.autograd.Function` whose backward is the implicit
-function theorem at ``params_star`` — :func:`bilevel.implicit.implicit_operator` and a
+function theorem at ``params_star`` — :func:`bilevel.ift.implicit_operator` and a
 linear solve, the same code as :func:`bilevel.hypergrad`.  For an optimality condition
 ``F(w, λ) = 0`` and a cotangent ``u = ∂f/∂w``::
 
@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from bilevel import _tree as T
-from bilevel.implicit import _check_input_finite, _leaves_pair, check_symmetric, implicit_operator
+from bilevel.ift import _check_input_finite, _leaves_pair, check_symmetric, implicit_operator
 from bilevel.linear_solve import (
     CG,
     GMRES,

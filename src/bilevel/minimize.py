@@ -27,7 +27,7 @@ import torch
 from torch.func import grad_and_value, vjp
 
 from bilevel import _tree as T
-from bilevel.implicit import _check_input_finite, _fresh_leaves, _grads, _leaves, _plain_autograd, _scalar, _tree_fn
+from bilevel.ift import _check_input_finite, _fresh_leaves, _grads, _leaves, _plain_autograd, _scalar, _tree_fn
 from bilevel.linear_solve import CG, SolverError, _item, solve_leaves
 
 Leaves = list[torch.Tensor]

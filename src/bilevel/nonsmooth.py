@@ -34,7 +34,7 @@ import torch
 from torch.func import grad, jvp, vjp
 
 from bilevel import _tree as T
-from bilevel.implicit import _check_input_finite, _check_reached, _leaves, _scalar, _tree_fn
+from bilevel.ift import _check_input_finite, _check_reached, _leaves, _scalar, _tree_fn
 from bilevel.linear_solve import _DIVERGENCE_FACTOR, NotContractionError, SolveInfo, SolverError, _item, check_finite
 from bilevel.prox import ProximalGradient, _hessian_spectrum
 from bilevel.stochastic import BatchStream, DecreasingStep, StepSize, as_step_size, as_stream

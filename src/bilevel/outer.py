@@ -40,7 +40,7 @@ from typing import Any
 import torch
 
 from bilevel import _tree as T
-from bilevel.implicit import _leaves, _scalar, hypergrad
+from bilevel.ift import _leaves, _scalar, hypergrad
 from bilevel.linear_solve import CG, FixedPoint, Solver, _item, check_solver
 from bilevel.stochastic import (
     BatchStream,

@@ -36,7 +36,7 @@ import torch
 from torch.func import grad, jvp
 
 from bilevel import _tree as T
-from bilevel.implicit import _scalar
+from bilevel.ift import _scalar
 
 __all__ = [
     "soft_threshold",

@@ -38,7 +38,7 @@ iterator (a generator, ``iter(...)``) raises :class:`DataExhaustedError`, and so
 iterable that yields no batch at all.  Wrap an infinite generator, or pass the same
 :class:`BatchStream` to successive calls so that they continue where the last one stopped.
 
-Every vjp closure is built once per batch with :func:`bilevel.implicit.implicit_operator`
+Every vjp closure is built once per batch with :func:`bilevel.ift.implicit_operator`
 (the same IFT code as the deterministic :func:`bilevel.hypergrad`); ``params``/``hparams``
 are tensors or pytrees of tensors (an ``nn.Module`` through
 ``torch.func.functional_call(model, params, ...)``, as in the core).
@@ -56,7 +56,7 @@ import torch
 from torch.func import grad, vjp
 
 from bilevel import _tree as T
-from bilevel.implicit import _check_input_finite, _leaves, _scalar, implicit_operator
+from bilevel.ift import _check_input_finite, _leaves, _scalar, implicit_operator
 from bilevel.linear_solve import _DIVERGENCE_FACTOR, NotContractionError, SolverError, _item
 
 __all__ = [

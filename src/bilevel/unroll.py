@@ -19,7 +19,7 @@ import torch
 from torch.func import jvp, vjp, vmap
 
 from bilevel import _tree as T
-from bilevel.implicit import _check_input_finite, _leaves, _scalar
+from bilevel.ift import _check_input_finite, _leaves, _scalar
 
 __all__ = ["unroll", "forward_hypergrad"]
 
