@@ -106,6 +106,24 @@ def test_checkpointed_inside_torch_func_grad_and_second_order(make):
     assert rel_err(hvp(True), hvp(False)) < 1e-12
 
 
+def test_checkpointed_step_calling_autograd_grad():
+    # a step that differentiates by torch.autograd.grad (needs grad mode and w_t requiring
+    # grad in the forward pass too, as in a recorded unroll)
+    p = logistic()
+
+    def step(w, lam):
+        return w - 0.5 * torch.autograd.grad(p.inner_loss(w, lam), w, create_graph=True)[0]
+
+    def grads(checkpoint):
+        lam = p.hparams.detach().requires_grad_()
+        w0 = torch.zeros_like(p.params0, requires_grad=True)
+        wT = bl.unroll(step, w0, lam, 40, checkpoint=checkpoint)
+        return torch.autograd.grad(p.outer_loss(wT, lam), [lam, w0])
+
+    for a, c in zip(grads(False), grads(True)):
+        assert (a - c).abs().max() <= 1e-12 * a.abs().max()
+
+
 def test_checkpointed_graph_has_one_node_per_segment():
     # 400 steps in segments of 20: the graph is 20 segment nodes, not 400 steps' worth
     p = ridge()

@@ -58,12 +58,15 @@ def _step_leaves(step: Callable[..., Any], wspec: Any, lspec: Any, indexed: bool
 
 
 def _segment_run(fn: Callable[[Leaves, Leaves, int], Leaves], t0: int, t1: int):
-    """Steps ``t0 ≤ t < t1`` as a function of the flat inputs ``(*w_t0, *λ)``."""
+    """Steps ``t0 ≤ t < t1`` as a function of the flat inputs ``(*w_t0, *λ)``; with
+    ``record=False`` each step's graph is dropped as soon as the step is done."""
 
-    def run(flat: Leaves, n_w: int) -> Leaves:
+    def run(flat: Leaves, n_w: int, record: bool) -> Leaves:
         w, lam = list(flat[:n_w]), list(flat[n_w:])
         for t in range(t0, t1):
             w = fn(w, lam, t)
+            if not record:  # keep requires_grad as in a recorded unroll: the next step may differentiate
+                w = [x.detach().requires_grad_(x.requires_grad) for x in w]
         return w
 
     return run
@@ -72,7 +75,7 @@ def _segment_run(fn: Callable[[Leaves, Leaves, int], Leaves], t0: int, t1: int):
 class _Segment(torch.autograd.Function):
     """One checkpointed segment ``w_t1 = Φ_{t1−1}∘…∘Φ_t0(w_t0, λ)``.
 
-    The forward pass runs the steps without a graph and keeps only the inputs
+    The forward pass runs the steps without keeping their graph and saves only the inputs
     ``(w_t0, λ)``; the backward pass recomputes the segment with a graph and returns
     ``(∂w_t1/∂w_t0)ᵀḡ, (∂w_t1/∂λ)ᵀḡ``.  With √T segments of √T steps the memory is
     √T stored states plus one segment's graph.  Written by hand rather than with
@@ -82,10 +85,12 @@ class _Segment(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(run: Callable[[Leaves, int], Leaves], n_w: int, *flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        out = run(list(flat), n_w)  # grad mode is off here: no graph is kept
-        # a leaf the step returns unchanged must leave as a view (it is also saved as an input)
-        return tuple(o.view_as(o) if any(o is x for x in flat) else o for o in out)
+    def forward(run: Callable[..., Leaves], n_w: int, *flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        # grad mode on, as in a recorded unroll, for steps that call torch.autograd.grad
+        # (w.r.t. w_t); each step's graph is freed when the step is done
+        with torch.enable_grad():
+            out = run(list(flat), n_w, record=False)
+        return tuple(o.detach() for o in out)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
@@ -107,7 +112,7 @@ class _Segment(torch.autograd.Function):
         else:
             inputs = [x.detach().requires_grad_(need) for x, need in zip(flat, wanted)]
         with torch.enable_grad():
-            out = ctx.run(inputs, ctx.n_w)
+            out = ctx.run(inputs, ctx.n_w, record=True)
         pairs = [(o, g) for o, g in zip(out, grad_out) if o.requires_grad]
         targets = [x for x, need in zip(inputs, wanted) if need]
         grads = iter(
