@@ -50,6 +50,8 @@ def axpy(a: torch.Tensor | float, x: Sequence[torch.Tensor], y: Sequence[torch.T
     """a * x + y, with ``a`` a scalar (a 0-d tensor stays on the device: no host sync)."""
     if isinstance(a, torch.Tensor):
         return [yi + a * xi for xi, yi in zip(x, y)]
+    if len(x) == 1:  # one leaf: torch.add is cheaper to launch than a foreach op
+        return [torch.add(y[0], x[0], alpha=a)]
     try:
         return list(torch._foreach_add(list(y), list(x), alpha=a))
     except RuntimeError:  # under vmap
