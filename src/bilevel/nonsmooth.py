@@ -34,7 +34,7 @@ import torch
 from torch.func import grad, jvp, vjp
 
 from bilevel import _tree as T
-from bilevel.ift import _check_input_finite, _check_reached, _leaves, _scalar, _tree_fn
+from bilevel.ift import _check_input_finite, _check_reached, _leaves_pair, _scalar, _tree_fn
 from bilevel.linear_solve import _DIVERGENCE_FACTOR, NotContractionError, SolveInfo, SolverError, _item, check_finite
 from bilevel.prox import ProximalGradient, _hessian_spectrum
 from bilevel.stochastic import BatchStream, DecreasingStep, StepSize, as_step_size, as_stream
@@ -121,14 +121,7 @@ def fista(
 
 
 def _prepare(params: Any, hparams: Any, name: str) -> tuple[Leaves, Any, Leaves, Any]:
-    w, wspec = _leaves(params, name)
-    lam, lspec = _leaves(hparams, "hparams")
-    dtypes = {t.dtype for t in w + lam}
-    if len(dtypes) > 1:
-        raise TypeError(
-            f"{name} and hparams should share one dtype, got {sorted(map(str, dtypes))}: "
-            "cast them with .to(torch.float64) (or float32)."
-        )
+    (w, wspec), (lam, lspec) = _leaves_pair(params, hparams, name)
     w = [t.detach() for t in w]
     lam = [t.detach() for t in lam]
     _check_input_finite(w, name)
