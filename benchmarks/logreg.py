@@ -331,6 +331,40 @@ def torchopt_method(prob: TorchProblem, T: int, K: int, w_T: torch.Tensor) -> Me
     )
 
 
+def torchopt_lbfgs_method(prob: TorchProblem, T: int, K: int) -> Method:
+    """TorchOpt with the best inner solver a torch user has: ``torch.optim.LBFGS`` (T
+    iterations, strong Wolfe line search, tolerances 0) inside ``custom_root`` + CG (K)."""
+    import torchopt
+    from torchopt.diff.implicit import custom_root
+
+    solve = torchopt.linear_solve.solve_cg(maxiter=K, rtol=0.0, atol=0.0)
+
+    @custom_root(lambda w, lam: prob.inner_grad(w, lam), argnums=1, solve=solve)
+    def inner_solve(w0: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+        w = w0.detach().clone().requires_grad_()
+        opt = torch.optim.LBFGS([w], lr=1.0, max_iter=T, tolerance_grad=0.0, tolerance_change=0.0,
+                                history_size=10, line_search_fn="strong_wolfe")
+        lam_c = lam.detach()
+
+        def closure() -> torch.Tensor:
+            opt.zero_grad()
+            loss = prob.inner_loss(w, lam_c)
+            loss.backward()
+            return loss
+
+        with torch.enable_grad():
+            opt.step(closure)
+        return w.detach()
+
+    def pipeline(_: Any) -> torch.Tensor:
+        lam = prob.lam.detach().requires_grad_()
+        w = inner_solve(torch.zeros_like(lam), lam)
+        return torch.autograd.grad(prob.outer_loss(w, lam), lam)[0]
+
+    return Method("TorchOpt LBFGS+CG", f"torchopt {torchopt.__version__}", pipeline, lambda _: None,
+                  note="T = torch.optim.LBFGS iterations")
+
+
 def jax_problem(data: Data, dtype: torch.dtype) -> SimpleNamespace:
     """Import JAX (float64 enabled) and build the problem's arrays and functions."""
     import jax
@@ -617,6 +651,8 @@ def tta_candidates(data: Data, prob: TorchProblem, args: argparse.Namespace, not
         import torchopt  # noqa: F401
 
         cands.append(Candidate("TorchOpt CG", lambda T, K: torchopt_method(prob, T, K, w_T), Ts, Kcg))
+        cands.append(Candidate("TorchOpt LBFGS+CG", lambda T, K: torchopt_lbfgs_method(prob, T, K),
+                               [10 * 2**i for i in range(args.tta_doublings + 2)], Kcg))
     except ImportError:
         pass  # noted by the main table
     if prob.X.device.type != "cpu":

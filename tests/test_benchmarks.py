@@ -90,3 +90,35 @@ def test_logreg_smoke(tmp_path):
     for name in OURS:
         assert f"\n{name} " in proc.stdout
     assert f"wrote {out}" in proc.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only skip")
+def test_cuda_request_without_a_gpu_is_skipped_cleanly(tmp_path):
+    out = tmp_path / "cuda.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "logreg.py"), "--device", "cuda", "--out", str(out)],
+        capture_output=True, text=True, timeout=60, cwd=BENCH.parent,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "no CUDA GPU" in proc.stdout and "skipped" in proc.stdout
+    assert not out.exists()
+
+
+def test_overhead_ratio_and_inner_solver_rows(tmp_path):
+    """The overhead line is printed and in the JSON; the L-BFGS/Newton pipelines reach the
+    exact hypergradient (a converged inner solve) in the time-to-accuracy table."""
+    out = tmp_path / "tta.json"
+    cmd = [
+        sys.executable, str(BENCH / "logreg.py"), "--sizes", "120x8", "--repeats", "1", "--warmup", "0",
+        "--threads", "1", "--skip-peers", "--tta", "1e-8", "--tta-doublings", "1",
+        "--tta-methods", "Newton,LBFGS", "--out", str(out),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=BENCH.parent)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "overhead ratio" in proc.stdout
+    result = json.loads(out.read_text())["results"][0]
+    assert result["overhead_ratio"] > 0 and result["hypergrad_work"]["median_ms"] > 0
+    rows = {r["method"]: r for r in result["time_to_accuracy"]}
+    assert set(rows) == {"Newton-CG + AID-CG", "LBFGS + AID-CG", "LBFGS + AID-PCG"}
+    for name, row in rows.items():
+        assert row["reached"] and row["rel_err"] <= 1e-8, (name, row)
