@@ -28,7 +28,7 @@ from torch.func import grad_and_value, vjp
 
 from bilevel import _tree as T
 from bilevel.ift import _check_input_finite, _fresh_leaves, _grads, _leaves, _plain_autograd, _scalar, _tree_fn
-from bilevel.linear_solve import CG, SolverError, _item, solve_leaves
+from bilevel.linear_solve import CG, SolverError, _host_scalars, _item, solve_leaves
 
 Leaves = list[torch.Tensor]
 
@@ -239,13 +239,15 @@ def _two_loop(q: Leaves, pairs: list[tuple[Leaves, Leaves, float]]) -> Leaves:
     linear, symmetric positive definite map of q (the identity with no pairs)."""
     if not pairs:
         return list(q)
+    # on the CPU outside vmap the coefficients are Python floats: one fused op per update
+    dot = (lambda x, y: T.vdot(x, y).item()) if _host_scalars(q) else T.vdot
     alphas = []
     for s_i, y_i, rho in reversed(pairs):
-        a = rho * T.vdot(s_i, q)
+        a = rho * dot(s_i, q)
         q = T.axpy(-a, y_i, q)
         alphas.append(a)
     _, y_n, rho_n = pairs[-1]
-    q = T.scale(1.0 / (rho_n * T.vdot(y_n, y_n)), q)
+    q = T.scale(1.0 / (rho_n * dot(y_n, y_n)), q)
     for (s_i, y_i, rho), a in zip(pairs, reversed(alphas)):
-        q = T.axpy(a - rho * T.vdot(y_i, q), s_i, q)
+        q = T.axpy(a - rho * dot(y_i, q), s_i, q)
     return q
