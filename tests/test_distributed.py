@@ -95,7 +95,7 @@ def _hypergradients(inner_loss, outer_loss):
     wT = bl.unroll(step, torch.zeros(D, dtype=torch.float64), lam_r, STEPS, truncate=5)
     out["itd-truncated"] = torch.autograd.grad(outer_loss(wT, lam_r), lam_r)[0].tolist()
 
-    def autograd_step(w, lam):  # checkpointing recomputes under autograd, not torch.func
+    def autograd_step(w, lam):  # a step that calls torch.autograd.grad itself
         return w - ETA * torch.autograd.grad(inner_loss(w, lam), w, create_graph=True)[0]
 
     w0 = torch.zeros(D, dtype=torch.float64, requires_grad=True)
