@@ -113,6 +113,25 @@ def _leaves_pair(params: Any, hparams: Any, pname: str) -> tuple[tuple[Leaves, A
     return (w, wspec), (lam, lspec)
 
 
+def _prepare_pair(params: Any, hparams: Any, pname: str) -> tuple[Leaves, Any, Leaves, Any]:
+    """Detached, finite leaves (and specs) of ``params`` and ``hparams`` of one dtype."""
+    (w, wspec), (lam, lspec) = _leaves_pair(params, hparams, pname)
+    w = [t.detach() for t in w]
+    lam = [t.detach() for t in lam]
+    _check_input_finite(w, pname)
+    _check_input_finite(lam, "hparams")
+    return w, wspec, lam, lspec
+
+
+def _check_shaped_like(out: Leaves, ospec: Any, w: Leaves, wspec: Any, what: str, like: str = "params") -> None:
+    """Raise unless ``out`` (leaves, spec) has the structure and shapes of ``w``."""
+    if ospec != wspec or any(not isinstance(o, torch.Tensor) or o.shape != x.shape for o, x in zip(out, w)):
+        raise ValueError(
+            f"{what} should return a pytree with the structure and shapes of {like} "
+            f"({T.describe(T.tree_unflatten(list(w), wspec))}), got {T.describe(T.tree_unflatten(list(out), ospec))}."
+        )
+
+
 def _check_input_finite(leaves: Leaves, name: str) -> None:
     try:
         ok = all(bool(torch.isfinite(t).all()) for t in leaves)
@@ -191,14 +210,7 @@ def implicit_operator(
 
     def phi_leaves(wl: Leaves, ll: Leaves) -> Leaves:
         out, ospec = T.tree_flatten(phi(wl, ll))
-        if ospec != wspec or any(
-            not isinstance(o, torch.Tensor) or o.shape != x.shape for o, x in zip(out, w)
-        ):
-            raise ValueError(
-                f"{name}(params, hparams) should return a pytree with the structure and "
-                f"shapes of params ({T.describe(T.tree_unflatten(list(w), wspec))}), got "
-                f"{T.describe(T.tree_unflatten(out, ospec))}."
-            )
+        _check_shaped_like(out, ospec, w, wspec, f"{name}(params, hparams)")
         return out
 
     if _plain_autograd(w, lam):  # one graph of Φ (or F), kept; every vjp is one backward through it

@@ -34,7 +34,7 @@ import torch
 from torch.func import grad, jvp, vjp
 
 from bilevel import _tree as T
-from bilevel.ift import _check_input_finite, _check_reached, _leaves_pair, _scalar, _tree_fn
+from bilevel.ift import _check_reached, _check_shaped_like, _prepare_pair, _scalar, _tree_fn
 from bilevel.linear_solve import _DIVERGENCE_FACTOR, NotContractionError, SolveInfo, SolverError, _item, check_finite
 from bilevel.prox import ProximalGradient, _hessian_spectrum
 from bilevel.stochastic import BatchStream, DecreasingStep, StepSize, as_step_size, as_stream
@@ -87,7 +87,7 @@ def fista(
         raise ValueError(f"fista: maxiter should be an int >= 1, not {maxiter!r}.")
     if not (isinstance(tol, (int, float)) and tol >= 0 and math.isfinite(tol)):
         raise ValueError(f"fista: tol should be a finite float >= 0, not {tol!r}.")
-    w, wspec, lam, lspec = _prepare(params0, hparams, "params0")
+    w, wspec, lam, lspec = _prepare_pair(params0, hparams, "params0")
     _check_prox_step(fixed_point, T.tree_unflatten(w, wspec), T.tree_unflatten(lam, lspec))
     phi = _map_leaves(fixed_point, wspec, lspec, "fixed_point")
     y, t, r, start, k = w, 1.0, math.inf, math.inf, 0
@@ -120,15 +120,6 @@ def fista(
     return T.tree_unflatten(w, wspec), SolveInfo("FISTA", k, r, r <= tol)
 
 
-def _prepare(params: Any, hparams: Any, name: str) -> tuple[Leaves, Any, Leaves, Any]:
-    (w, wspec), (lam, lspec) = _leaves_pair(params, hparams, name)
-    w = [t.detach() for t in w]
-    lam = [t.detach() for t in lam]
-    _check_input_finite(w, name)
-    _check_input_finite(lam, "hparams")
-    return w, wspec, lam, lspec
-
-
 def _check_prox_step(phi: ProximalGradient, params: Any, hparams: Any) -> None:
     lo, hi = _hessian_spectrum(phi.gradient, params, hparams, iters=30)
     q = max(abs(1 - phi.step * lo), abs(1 - phi.step * hi))
@@ -158,14 +149,7 @@ def _map_leaves(fn: Callable[..., Any], wspec: Any, lspec: Any, name: str):
             fn(T.tree_unflatten(list(w), wspec), T.tree_unflatten(list(lam), lspec), *extra)
         )
         if not checked[0]:
-            if ospec != wspec or any(
-                not isinstance(o, torch.Tensor) or o.shape != x.shape for o, x in zip(res, w)
-            ):
-                raise ValueError(
-                    f"{name} should return a pytree with the structure and shapes of params "
-                    f"({T.describe(T.tree_unflatten(list(w), wspec))}), got "
-                    f"{T.describe(T.tree_unflatten(res, ospec))}."
-                )
+            _check_shaped_like(res, ospec, w, wspec, name)
             checked[0] = True
         return res
 
@@ -243,7 +227,7 @@ def stochastic_proximal_gradient(
     """
     _check_count(steps, "steps")
     eta = as_step_size(step_size, "step_size")
-    w, wspec, lam, lspec = _prepare(params0, hparams, "params0")
+    w, wspec, lam, lspec = _prepare_pair(params0, hparams, "params0")
     stream = as_stream(batches)
 
     def loss(wl: Leaves, ll: Leaves, batch: Any) -> torch.Tensor:
@@ -330,7 +314,7 @@ def nsid(
             f"bilevel.hypergrad(fixed_point=...). Got {type(fixed_point).__name__}."
         )
     _check_count(steps, "steps")
-    w, wspec, lam, lspec = _prepare(params, hparams, "params")
+    w, wspec, lam, lspec = _prepare_pair(params, hparams, "params")
     stream = as_stream(batches)
 
     f = _tree_fn(outer_loss, wspec, lspec)

@@ -56,7 +56,7 @@ import torch
 from torch.func import grad, vjp
 
 from bilevel import _tree as T
-from bilevel.ift import _check_input_finite, _leaves, _scalar, implicit_operator
+from bilevel.ift import _check_shaped_like, _prepare_pair, _scalar, implicit_operator
 from bilevel.linear_solve import _DIVERGENCE_FACTOR, NotContractionError, SolverError, _item
 
 __all__ = [
@@ -303,31 +303,10 @@ def _inner_update(
     def residual(w: Leaves, lam: Leaves, batch: Any) -> Leaves:
         out = fixed_point(T.tree_unflatten(list(w), wspec), T.tree_unflatten(list(lam), lspec), batch)
         leaves, ospec = T.tree_flatten(out)
-        if ospec != wspec or any(not isinstance(o, torch.Tensor) or o.shape != x.shape for o, x in zip(leaves, w)):
-            raise ValueError(
-                "fixed_point(params, hparams, batch) should return a pytree with the structure "
-                f"and shapes of params ({T.describe(T.tree_unflatten(list(w), wspec))}), got "
-                f"{T.describe(out)}."
-            )
+        _check_shaped_like(leaves, ospec, w, wspec, "fixed_point(params, hparams, batch)")
         return T.sub(leaves, w)
 
     return residual
-
-
-def _prepare(params0: Any, hparams: Any) -> tuple[Leaves, Any, Leaves, Any]:
-    w, wspec = _leaves(params0, "params0")
-    lam, lspec = _leaves(hparams, "hparams")
-    dtypes = {t.dtype for t in w + lam}
-    if len(dtypes) > 1:
-        raise TypeError(
-            f"params0 and hparams should share one dtype, got {sorted(map(str, dtypes))}: "
-            "cast them with .to(torch.float64) (or float32)."
-        )
-    w = [t.detach() for t in w]
-    lam = [t.detach() for t in lam]
-    _check_input_finite(w, "params0")
-    _check_input_finite(lam, "hparams")
-    return w, wspec, lam, lspec
 
 
 def _run_inner(
@@ -394,7 +373,7 @@ def stochastic_fixed_point(
     _one_form(inner_loss, fixed_point)
     _check_steps(steps=(steps, 0))
     eta = as_step_size(step_size, "step_size")
-    w, wspec, lam, lspec = _prepare(params0, hparams)
+    w, wspec, lam, lspec = _prepare_pair(params0, hparams, "params0")
     name = "inner_loss" if inner_loss is not None else "fixed_point"
     w = _run_inner(_inner_update(fixed_point, inner_loss, wspec, lspec), w, lam, wspec, as_stream(batches), steps,
                    eta, name)
@@ -444,7 +423,7 @@ def sid(
     _check_steps(inner_steps=(inner_steps, 0), linear_steps=(linear_steps, 1), hparam_batches=(hparam_batches, 1))
     eta_w = as_step_size(inner_step_size, "inner_step_size")
     eta_v = as_step_size(linear_step_size, "linear_step_size")
-    w, wspec, lam, lspec = _prepare(params0, hparams)
+    w, wspec, lam, lspec = _prepare_pair(params0, hparams, "params0")
     inner = as_stream(batches)
     outer = inner if outer_batches is None else as_stream(outer_batches)
     start = inner.samples + (outer.samples if outer is not inner else 0)

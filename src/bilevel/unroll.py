@@ -19,7 +19,7 @@ import torch
 from torch.func import jvp, vjp, vmap
 
 from bilevel import _tree as T
-from bilevel.ift import _check_input_finite, _leaves, _scalar
+from bilevel.ift import _check_input_finite, _check_shaped_like, _leaves, _scalar
 
 __all__ = ["unroll", "forward_hypergrad"]
 
@@ -43,14 +43,7 @@ def _step_leaves(step: Callable[..., Any], wspec: Any, lspec: Any, indexed: bool
         args = (T.tree_unflatten(list(w), wspec), T.tree_unflatten(list(lam), lspec))
         out, ospec = T.tree_flatten(step(*args, t) if indexed else step(*args))
         if not checked[0]:
-            if ospec != wspec or any(
-                not isinstance(o, torch.Tensor) or o.shape != x.shape for o, x in zip(out, w)
-            ):
-                raise ValueError(
-                    "step(params, hparams) should return a pytree with the structure and "
-                    f"shapes of params ({T.describe(args[0])}), got "
-                    f"{T.describe(T.tree_unflatten(out, ospec))}."
-                )
+            _check_shaped_like(out, ospec, w, wspec, "step(params, hparams)")
             checked[0] = True
         return out
 
