@@ -53,6 +53,27 @@ class MinimizeInfo:
     inverse_hessian: Callable[[Any], Any] | None = field(default=None, repr=False, compare=False)
 
 
+def _inner_problem(
+    inner_loss: Callable[[Any, Any], torch.Tensor], params0: Any, hparams: Any, maxiter: int, tol: float
+) -> tuple[Leaves, Any, Leaves, Callable[[Leaves], torch.Tensor]]:
+    """Checked options, detached leaves of params0 and hparams, and ``w ↦ g(w, λ)`` on leaves."""
+    if not isinstance(maxiter, int) or isinstance(maxiter, bool) or maxiter < 0:
+        raise ValueError(f"maxiter should be an int >= 0, not {maxiter!r}.")
+    if not tol >= 0:
+        raise ValueError(f"tol should be >= 0, not {tol!r}.")
+    w, wspec = _leaves(params0, "params0")
+    lam, lspec = _leaves(hparams, "hparams")
+    w = [t.detach() for t in w]
+    lam = [t.detach() for t in lam]
+    _check_input_finite(w, "params0")
+    g = _tree_fn(inner_loss, wspec, lspec)
+
+    def loss(wl: Leaves) -> torch.Tensor:
+        return _scalar(g(wl, lam), "inner_loss")
+
+    return w, wspec, lam, loss
+
+
 def newton_cg(
     inner_loss: Callable[[Any, Any], torch.Tensor],
     params0: Any,
@@ -69,20 +90,7 @@ def newton_cg(
     ``params0``.  ``g`` should be twice differentiable; it need not be convex (negative
     curvature falls back to a gradient step).
     """
-    if not isinstance(maxiter, int) or maxiter < 0:
-        raise ValueError(f"maxiter should be an int >= 0, not {maxiter!r}.")
-    if not tol >= 0:
-        raise ValueError(f"tol should be >= 0, not {tol!r}.")
-    w, wspec = _leaves(params0, "params0")
-    lam, lspec = _leaves(hparams, "hparams")
-    w = [t.detach() for t in w]
-    lam = [t.detach() for t in lam]
-    _check_input_finite(w, "params0")
-    g = _tree_fn(inner_loss, wspec, lspec)
-
-    def loss(wl: list[torch.Tensor]) -> torch.Tensor:
-        return _scalar(g(wl, lam), "inner_loss")
-
+    w, wspec, lam, loss = _inner_problem(inner_loss, params0, hparams, maxiter, tol)
     grad_g = grad_and_value(loss)  # (∇g, g): the loss value comes with the gradient
     hvps, k = 0, 0
     gnorm0 = None
@@ -169,22 +177,9 @@ def lbfgs(
     ``g`` should be differentiable and bounded below; the hypergradient at the result is
     as accurate as the result is stationary (check ``info.grad_norm``).
     """
-    if not isinstance(maxiter, int) or isinstance(maxiter, bool) or maxiter < 0:
-        raise ValueError(f"maxiter should be an int >= 0, not {maxiter!r}.")
     if not isinstance(history, int) or isinstance(history, bool) or history < 1:
         raise ValueError(f"history should be an int >= 1, not {history!r}.")
-    if not tol >= 0:
-        raise ValueError(f"tol should be >= 0, not {tol!r}.")
-    w, wspec = _leaves(params0, "params0")
-    lam, lspec = _leaves(hparams, "hparams")
-    w = [t.detach() for t in w]
-    lam = [t.detach() for t in lam]
-    _check_input_finite(w, "params0")
-    g = _tree_fn(inner_loss, wspec, lspec)
-
-    def loss(wl: Leaves) -> torch.Tensor:
-        return _scalar(g(wl, lam), "inner_loss")
-
+    w, wspec, lam, loss = _inner_problem(inner_loss, params0, hparams, maxiter, tol)
     value_and_grad = _value_and_grad(loss, _plain_autograd(w, lam))
     fval, gw = value_and_grad(w)
     evals, k, converged = 1, 0, False
