@@ -113,8 +113,19 @@ def _leaves_pair(params: Any, hparams: Any, pname: str) -> tuple[tuple[Leaves, A
     return (w, wspec), (lam, lspec)
 
 
+def _check_autograd(name: str) -> None:
+    """Refuse to run under torch.inference_mode(): there autograd records nothing, and every
+    derivative would silently come out as zero."""
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            f"{name} differentiates with autograd, which torch.inference_mode() switches off "
+            "(the result would be zeros). Call it outside inference_mode; torch.no_grad() is fine."
+        )
+
+
 def _prepare_pair(params: Any, hparams: Any, pname: str) -> tuple[Leaves, Any, Leaves, Any]:
     """Detached, finite leaves (and specs) of ``params`` and ``hparams`` of one dtype."""
+    _check_autograd("this solver")
     (w, wspec), (lam, lspec) = _leaves_pair(params, hparams, pname)
     w = [t.detach() for t in w]
     lam = [t.detach() for t in lam]
@@ -171,6 +182,7 @@ def implicit_operator(
     Pass exactly one of ``inner_loss``, ``fixed_point`` or ``root`` (``F(w, λ) = 0``, ``F``
     shaped like ``params``: a KKT map, any optimality condition).
     """
+    _check_autograd("implicit_operator")
     w, lam = params, hparams
     if sum(fn is not None for fn in (inner_loss, fixed_point, root)) != 1:
         raise ValueError(
@@ -342,6 +354,7 @@ def hypergrad(
     reaches neither loss (its hypergradient would be zero for a structural reason).
     """
     check_solver(solver)
+    _check_autograd("hypergrad")
     (w, wspec), (lam, lspec) = _leaves_pair(params, hparams, "params")
     w = [t.detach() for t in w]
     lam = [t.detach() for t in lam]

@@ -27,7 +27,16 @@ import torch
 from torch.func import grad_and_value, vjp
 
 from bilevel import _tree as T
-from bilevel.ift import _check_input_finite, _fresh_leaves, _grads, _leaves, _plain_autograd, _scalar, _tree_fn
+from bilevel.ift import (
+    _check_autograd,
+    _check_input_finite,
+    _fresh_leaves,
+    _grads,
+    _leaves,
+    _plain_autograd,
+    _scalar,
+    _tree_fn,
+)
 from bilevel.linear_solve import CG, SolverError, _host_scalars, _item, solve_leaves
 
 Leaves = list[torch.Tensor]
@@ -57,6 +66,7 @@ def _inner_problem(
     inner_loss: Callable[[Any, Any], torch.Tensor], params0: Any, hparams: Any, maxiter: int, tol: float
 ) -> tuple[Leaves, Any, Leaves, Callable[[Leaves], torch.Tensor]]:
     """Checked options, detached leaves of params0 and hparams, and ``w ↦ g(w, λ)`` on leaves."""
+    _check_autograd("the inner solver")
     if not isinstance(maxiter, int) or isinstance(maxiter, bool) or maxiter < 0:
         raise ValueError(f"maxiter should be an int >= 0, not {maxiter!r}.")
     if not tol >= 0:

@@ -19,7 +19,7 @@ import torch
 from torch.func import jvp, vjp, vmap
 
 from bilevel import _tree as T
-from bilevel.ift import _check_input_finite, _check_shaped_like, _leaves, _scalar
+from bilevel.ift import _check_autograd, _check_input_finite, _check_shaped_like, _leaves, _scalar
 
 __all__ = ["unroll", "forward_hypergrad"]
 
@@ -136,6 +136,7 @@ def unroll(
     ``indexed=True`` the step is called as ``step(w_t, hparams, t)`` (schedules).
     """
     _check_steps(steps, truncate)
+    _check_autograd("unroll")
     w, wspec = _leaves(params0, "params0")
     lam, lspec = _leaves(hparams, "hparams")
     fn = _step_leaves(step, wspec, lspec, indexed)
@@ -175,6 +176,7 @@ def forward_hypergrad(
     through :func:`unroll`; memory O(|w|·|λ|) independent of T, so use it when λ is small.
     """
     _check_steps(steps, None)
+    _check_autograd("forward_hypergrad")
     w, wspec = _leaves(params0, "params0")
     lam, lspec = _leaves(hparams, "hparams")
     w = [t.detach() for t in w]
