@@ -183,3 +183,19 @@ def test_preconditioned_cg(monkeypatch, host):
 
 def info_residual_is_true(A, b, x, info):
     return info.residual == pytest.approx(((b - A @ x).norm() / b.norm()).item(), rel=1e-3, abs=1e-14)
+
+
+@pytest.mark.parametrize("precond", [False, True])
+def test_cg_is_differentiable_through_the_solve(precond):
+    # autograd through CG's iterations (x depends on θ through A(θ)): the host-float fast
+    # path would drop the derivative of the step sizes, so a recorded solve stays on tensors
+    A0, b, _ = _system("spd", n=8, seed=2)
+    eye = torch.eye(8, dtype=D)
+    theta = torch.tensor(0.7, dtype=D, requires_grad=True)
+    pc = (lambda r: r / A0.diagonal()) if precond else None
+    x, info = bl.solve(lambda v: (A0 + theta * eye) @ v, b, bl.CG(maxiter=100, tol=1e-14), precond=pc)
+    assert info.converged
+    g = torch.autograd.grad(x.sum(), theta)[0]
+    th = theta.detach().requires_grad_()
+    ge = torch.autograd.grad(torch.linalg.solve(A0 + th * eye, b).sum(), th)[0]
+    assert abs(g.item() - ge.item()) <= 1e-8 * abs(ge.item())

@@ -22,11 +22,6 @@ from typing import Any
 import torch
 from torch.func import grad, jvp, vjp
 
-try:  # which torch.func transforms are active; private, so tolerate its absence
-    from torch._C._functorch import peek_interpreter_stack as _peek_interpreter_stack
-except ImportError:  # pragma: no cover
-    _peek_interpreter_stack = None
-
 from bilevel import _tree as T
 from bilevel.linear_solve import (
     CG,
@@ -36,6 +31,7 @@ from bilevel.linear_solve import (
     _item,
     check_finite,
     check_solver,
+    no_transform,
     solve_leaves,
 )
 
@@ -263,7 +259,7 @@ def _plain_autograd(*groups: Leaves) -> bool:
     floating tensor: then the operator is built on ordinary autograd with a retained graph,
     which is faster per product than a torch.func vjp closure (~25% on a logistic HVP).
     Under a transform, or when the result must itself be differentiable, torch.func is used."""
-    if _peek_interpreter_stack is None or _peek_interpreter_stack() is not None:
+    if not no_transform():
         return False
     leaves = [t for group in groups for t in group]
     if torch.is_grad_enabled() and any(t.requires_grad for t in leaves):

@@ -20,6 +20,11 @@ from typing import Any
 
 import torch
 
+try:  # which torch.func transforms are active; private, so tolerate its absence
+    from torch._C._functorch import peek_interpreter_stack as _peek_interpreter_stack
+except ImportError:  # pragma: no cover
+    _peek_interpreter_stack = None
+
 from bilevel import _tree as T
 
 __all__ = [
@@ -264,22 +269,34 @@ def _richardson(
     return x, k, res / torch.where(bnorm > 0, bnorm, torch.ones_like(bnorm))
 
 
+def no_transform() -> bool:
+    """True when no torch.func transform (vmap, grad, jvp) is active."""
+    return _peek_interpreter_stack is not None and _peek_interpreter_stack() is None
+
+
+def _records_graph(leaves: Leaves) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in leaves)
+
+
 def _host_scalars(b: Leaves) -> bool:
-    """CPU and not under vmap: the residual is read every iteration anyway, so the Krylov
-    scalars can live on the host as Python floats; each update is then one fused op."""
-    if b[0].device.type != "cpu" or b[0].is_complex():
-        return False
-    try:
-        b[0].sum().item()
-    except RuntimeError:  # batched by vmap: no data access
-        return False
-    return True
+    """CPU, no torch.func transform and nothing to differentiate through: the residual is
+    read every iteration anyway, so the Krylov scalars can live on the host as Python
+    floats; each update is then one fused op.  (As floats they carry no derivative, so a
+    solve that autograd records keeps them as tensors.)"""
+    return b[0].device.type == "cpu" and not b[0].is_complex() and no_transform() and not _records_graph(b)
+
+
+class _GraphNeeded(Exception):
+    """The operator's output is recorded by autograd: the scalars must stay tensors."""
 
 
 def _cg(matvec: MatVec, b: Leaves, x: Leaves | None, maxiter: int, tol: float, precond: MatVec | None = None):
     # Preconditioned CG (M ≈ A⁻¹ SPD; M = I without precond): z = M r, ρ = <r, z>.
     if _host_scalars(b):
-        return _cg_host(matvec, b, x, maxiter, tol, precond)
+        try:
+            return _cg_host(matvec, b, x, maxiter, tol, precond)
+        except _GraphNeeded:  # found at the first product: start again on tensors
+            pass
     bnorm = T.norm(b)
     mon = _Monitor(b[0], bnorm, tol)
     if x is None:
@@ -335,6 +352,8 @@ def _cg_host(
         if precond is not None and rho <= 0 and rr > noise:
             raise SolverError(_PRECOND_NOT_SPD)
         ap = matvec(p)
+        if k == 0 and _records_graph(ap + z + r):
+            raise _GraphNeeded
         pap = T.vdot(p, ap).item()
         alpha = rho / pap if pap != 0 else 0.0
         x = T.axpy(alpha, p, x)
