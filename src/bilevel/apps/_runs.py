@@ -1,4 +1,4 @@
-"""Run bookkeeping shared by the CLI jobs: output folder, atomic checkpoints, JSON, progress.
+"""Run bookkeeping shared by the CLI jobs: options, output folder, atomic checkpoints, JSON, progress.
 
 A job saves its whole state with :func:`save_checkpoint` after every outer step; started
 again with ``--resume`` it continues from the last checkpoint, so an interrupted run
@@ -7,6 +7,7 @@ loses at most one step.  Results go to ``<out>/results.json``.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -69,3 +70,28 @@ def one_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+def job_parser(prog: str, description: str, out: str) -> argparse.ArgumentParser:
+    """The options every job has: --out, --seed, --resume, --quick, --no-progress."""
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument("--out", default=out, help=f"output folder (default {out})")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
+    p.add_argument("--quick", action="store_true", help="tiny settings, for tests")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def config_kwargs(args: argparse.Namespace, quick: dict[str, Any], prog: str, counts: dict[str, int]) -> dict[str, Any]:
+    """Keyword arguments of a job's Config: the --quick settings, the seed, and every count
+    option given on the command line (``counts``: option name -> its least value)."""
+    kw: dict[str, Any] = dict(quick) if args.quick else {}
+    kw["seed"] = args.seed
+    for name, least in counts.items():
+        value = getattr(args, name)
+        if value is not None:
+            if value < least:
+                raise SystemExit(f"{prog}: --{name} should be >= {least}, not {value}")
+            kw[name] = value
+    return kw

@@ -229,27 +229,17 @@ def run(cfg: Config, out: Path, *, resume: bool = False, show: bool = True) -> d
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="bilevel run deq-digits",
-                                description="A deep-equilibrium classifier on digits, implicit gradients.")
-    p.add_argument("--out", default="runs/deq-digits", help="output folder (default runs/deq-digits)")
+    p = _runs.job_parser("bilevel run deq-digits", "A deep-equilibrium classifier on digits, implicit gradients.",
+                         "runs/deq-digits")
     p.add_argument("--epochs", type=int, default=None, help=f"training epochs (default {Config.epochs})")
     p.add_argument("--forward", choices=("anderson", "picard"), default="anderson",
                    help="forward fixed-point solver (default anderson)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
-    p.add_argument("--quick", action="store_true", help="tiny settings, for tests")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
-    kw: dict[str, Any] = dict(QUICK) if args.quick else {}
-    kw["seed"], kw["forward"] = args.seed, args.forward
-    if args.epochs is not None:
-        if args.epochs < 1:
-            raise SystemExit(f"bilevel run deq-digits: --epochs should be >= 1, not {args.epochs}")
-        kw["epochs"] = args.epochs
-    return Config(**kw)
+    kw = _runs.config_kwargs(args, QUICK, "bilevel run deq-digits", {"epochs": 1})
+    return Config(**kw, forward=args.forward)
 
 
 def main(argv: list[str] | None = None) -> int:

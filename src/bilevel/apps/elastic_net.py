@@ -512,35 +512,19 @@ def plot(res: dict[str, Any], path: Path) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="bilevel run elastic-net",
-        description="Elastic-net HO on diabetes + noise features vs ElasticNetCV; NSID vs AID.",
-    )
-    p.add_argument("--out", default="runs/elastic-net", help="output folder (default runs/elastic-net)")
+    p = _runs.job_parser("bilevel run elastic-net",
+                         "Elastic-net HO on diabetes + noise features vs ElasticNetCV; NSID vs AID.",
+                         "runs/elastic-net")
     p.add_argument("--steps", type=int, default=None, help=f"outer steps per stage (default {Config.steps})")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
-    p.add_argument("--quick", action="store_true", help="tiny settings, for tests")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    kw: dict[str, Any] = dict(QUICK) if args.quick else {}
-    kw["seed"] = args.seed
-    if args.steps is not None:
-        if args.steps < 1:
-            raise SystemExit(f"bilevel run elastic-net: --steps should be >= 1, not {args.steps}")
-        kw["steps"] = args.steps
-    cfg = Config(**kw)
+    cfg = Config(**_runs.config_kwargs(args, QUICK, "bilevel run elastic-net", {"steps": 1}))
     out = Path(args.out)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # small problems: one thread is fastest on a shared machine
-    try:
+    with _runs.one_thread():  # small problems: one thread is fastest
         res = run(cfg, out, resume=args.resume, show=not args.no_progress)
-    finally:
-        torch.set_num_threads(threads)
     d = res["data"]
     print(f"diabetes: {d['n_real']} features + {d['n_noise']} noise; train/val/test = "
           f"{d['n_train']}/{d['n_val']}/{d['n_test']}; MSE in units of var(y)")

@@ -461,27 +461,14 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="bilevel demo",
-        description="Per-feature L2 hyperparameter optimisation on digits + noise features.",
-    )
-    p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    p = _runs.job_parser("bilevel demo", "Per-feature L2 hyperparameter optimisation on digits + noise features.",
+                         "runs/demo")
     p.add_argument("--steps", type=int, default=None, help=f"outer steps (default {Config.steps})")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
-    p.add_argument("--quick", action="store_true", help="tiny settings, for tests")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
-    kw: dict[str, Any] = dict(QUICK) if args.quick else {}
-    kw["seed"] = args.seed
-    if args.steps is not None:
-        if args.steps < 1:
-            raise SystemExit(f"bilevel demo: --steps should be >= 1, not {args.steps}")
-        kw["steps"] = args.steps
-    return Config(**kw)
+    return Config(**_runs.config_kwargs(args, QUICK, "bilevel demo", {"steps": 1}))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -295,36 +295,19 @@ def table(results: dict[str, Any]) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="bilevel run sample-complexity",
-                                description="Outer error vs samples of stochastic bilevel solvers, with and "
-                                            "without warm start, on a quadratic problem with known λ*.")
-    p.add_argument("--out", default="runs/sample-complexity", help="output folder")
+    p = _runs.job_parser("bilevel run sample-complexity",
+                         "Outer error vs samples of stochastic bilevel solvers, with and without warm start, "
+                         "on a quadratic problem with known λ*.", "runs/sample-complexity")
     p.add_argument("--levels", type=int, default=None, help=f"accuracy levels (default {Config.levels})")
     p.add_argument("--reps", type=int, default=None, help=f"seeds per level (default {Config.reps})")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
-    p.add_argument("--quick", action="store_true", help="tiny settings, for tests")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    kw: dict[str, Any] = dict(QUICK) if args.quick else {}
-    kw["seed"] = args.seed
-    for name in ("levels", "reps"):
-        value = getattr(args, name)
-        if value is not None:
-            if value < (2 if name == "levels" else 1):
-                raise SystemExit(f"bilevel run sample-complexity: --{name} is too small ({value})")
-            kw[name] = value
-    cfg = Config(**kw)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny problem: one thread is fastest on a shared machine
-    try:
+    cfg = Config(**_runs.config_kwargs(args, QUICK, "bilevel run sample-complexity", {"levels": 2, "reps": 1}))
+    with _runs.one_thread():  # tiny problem: one thread is fastest
         res = run(cfg, Path(args.out), resume=args.resume, show=not args.no_progress)
-    finally:
-        torch.set_num_threads(threads)
     pr = res["problem"]
     print(f"quadratic bilevel problem: d={cfg.d}, m={cfg.m}, inner contraction q={pr['q']:.3f}, "
           f"cond(∇²F)={pr['cond_F']:.1f}; {cfg.levels} levels x {cfg.reps} seeds in {res['seconds']:.1f}s")
