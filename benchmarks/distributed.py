@@ -103,11 +103,11 @@ class Counter:
         self.world = world
         self._inner = bd._all_reduce
 
-    def __call__(self, buf: torch.Tensor, op: Any, group: Any) -> None:
+    def __call__(self, buf: torch.Tensor, op: Any, group: Any, *what: str) -> None:
         if self.world > 1:
             self.calls += 1
             self.bytes += buf.numel() * buf.element_size()
-        self._inner(buf, op, group)
+        self._inner(buf, op, group, *what)
 
     def reset(self) -> None:
         self.calls = self.bytes = 0

@@ -49,10 +49,18 @@ class DistributedError(RuntimeError):
     """Another rank failed (raised, disagreed on inputs, or the collective broke)."""
 
 
-def _all_reduce(buf: torch.Tensor, op: Any, group: Any) -> None:
-    """The one place every collective of this module goes through (the benchmark counts it)."""
-    if dist.get_world_size(group) > 1:  # a sum (or max) over one rank is the identity
+def _all_reduce(buf: torch.Tensor, op: Any, group: Any, what: str = "all-reduce") -> None:
+    """The one place every collective of this module goes through (the benchmark counts it).
+    A failure means another rank is gone or raised: say so as a DistributedError."""
+    if dist.get_world_size(group) == 1:  # a sum (or max) over one rank is the identity
+        return
+    try:
         dist.all_reduce(buf, op=op, group=group)
+    except RuntimeError as e:
+        raise DistributedError(
+            f"rank {dist.get_rank(group)}: {what} failed; another rank probably raised, exited or "
+            f"timed out (see its traceback). Backend said: {e}"
+        ) from e
 
 
 def _sum_leaves(group: Any, xs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
@@ -63,13 +71,7 @@ def _sum_leaves(group: Any, xs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, .
         buckets.setdefault((x.dtype, x.device), []).append(i)
     for idx in buckets.values():
         buf = torch.cat([xs[i].reshape(-1) for i in idx])  # a fresh contiguous copy
-        try:
-            _all_reduce(buf, dist.ReduceOp.SUM, group)
-        except RuntimeError as e:
-            raise DistributedError(
-                f"all-reduce failed on rank {dist.get_rank(group)}: another rank probably "
-                f"raised, exited or timed out (see its traceback). Backend said: {e}"
-            ) from e
+        _all_reduce(buf, dist.ReduceOp.SUM, group)
         for i, part in zip(idx, torch.split(buf, [xs[i].numel() for i in idx])):
             out[i] = part.reshape(xs[i].shape)
     return tuple(out)  # type: ignore[arg-type]
@@ -161,13 +163,7 @@ def _gather(group: Any, device: torch.device, row: Sequence[float]) -> list[list
     flat = [0.0] * (world * k)
     flat[rank * k:(rank + 1) * k] = row
     buf = torch.tensor(flat, dtype=torch.float64, device=device)
-    try:
-        _all_reduce(buf, dist.ReduceOp.SUM, group)
-    except RuntimeError as e:
-        raise DistributedError(
-            f"rank {rank}: the consistency all-reduce of data_parallel failed; another rank "
-            f"probably raised outside data_parallel, exited or timed out. Backend said: {e}"
-        ) from e
+    _all_reduce(buf, dist.ReduceOp.SUM, group, "the consistency all-reduce of data_parallel")
     vals = buf.tolist()
     return [vals[r * k:(r + 1) * k] for r in range(world)]
 

@@ -78,6 +78,13 @@ def _residual(fz: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     return num / torch.where(den > 0, den, torch.ones_like(den))
 
 
+def _keep_best(z: torch.Tensor, res: torch.Tensor, best: torch.Tensor, best_res: torch.Tensor):
+    """Per row of the batch, the iterate with the smallest residual so far (the methods are
+    not monotone, so the last iterate need not be the best)."""
+    better = res < best_res
+    return torch.where(better[:, None], z, best), torch.where(better, res, best_res)
+
+
 def _picard(f: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor, s: Picard):
     mon = _Monitor(z, torch.ones((), dtype=z.dtype, device=z.device), s.tol)
     best, best_res = z, torch.full(z.shape[:1], math.inf, dtype=z.dtype, device=z.device)
@@ -85,9 +92,7 @@ def _picard(f: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor, s: Picar
     while k < s.maxiter:
         fz = f(z)
         k += 1
-        res = _residual(fz, z)
-        better = res < best_res
-        best, best_res = torch.where(better[:, None], z, best), torch.where(better, res, best_res)
+        best, best_res = _keep_best(z, _residual(fz, z), best, best_res)
         if mon.done(k, best_res.max()):
             break
         z = fz
@@ -107,9 +112,7 @@ def _anderson(f: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor, s: And
         slot = k % m
         zs, fs = _put(zs, slot, z), _put(fs, slot, fz)
         k += 1
-        res = _residual(fz, z)
-        better = res < best_res
-        best, best_res = torch.where(better[:, None], z, best), torch.where(better, res, best_res)
+        best, best_res = _keep_best(z, _residual(fz, z), best, best_res)
         if mon.done(k, best_res.max()):
             break
         h = min(k, m)
