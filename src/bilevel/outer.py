@@ -170,6 +170,24 @@ class _Loop:
         return state, infos
 
 
+class _DeterministicLoop(_Loop):
+    """The checks and ``init`` that AIDBilevel and ITDBilevel share; each declares the
+    fields (outer_loss, params0, fixed_point / inner_loss, lr, inner_steps,
+    inner_step_size, projection, data_size)."""
+
+    _least_inner_steps = 0
+
+    def __post_init__(self: Any) -> None:
+        _one_form(self.inner_loss, self.fixed_point)
+        _check_steps(inner_steps=(self.inner_steps, self._least_inner_steps), data_size=(self.data_size, 1))
+        as_step_size(self.lr, "lr")
+        as_step_size(self.inner_step_size, "inner_step_size")
+        _check_projection(self.projection)
+
+    def init(self: Any, hparams: Any) -> OuterState:
+        return OuterState(_start(hparams, self.params0, self.projection), self.params0, None, 0, 0)
+
+
 @dataclass(frozen=True)
 class StochasticBilevel(_Loop):
     """Projected inexact hypergradient descent with SID hypergradients.
@@ -257,7 +275,7 @@ def _deterministic_inner(
 
 
 @dataclass(frozen=True)
-class AIDBilevel(_Loop):
+class AIDBilevel(_DeterministicLoop):
     """Deterministic bilevel solver with AID hypergradients (reference for the stochastic ones).
 
     Each step: ``inner_steps`` full-batch steps ``w ← w + η(Φ(w, λ) − w)`` (or
@@ -281,16 +299,9 @@ class AIDBilevel(_Loop):
     data_size: int = 1
 
     def __post_init__(self) -> None:
-        _one_form(self.inner_loss, self.fixed_point)
-        _check_steps(inner_steps=(self.inner_steps, 0), data_size=(self.data_size, 1))
-        as_step_size(self.lr, "lr")
-        as_step_size(self.inner_step_size, "inner_step_size")
+        super().__post_init__()
         if self.solver is not None:
             check_solver(self.solver)
-        _check_projection(self.projection)
-
-    def init(self, hparams: Any) -> OuterState:
-        return OuterState(_start(hparams, self.params0, self.projection), self.params0, None, 0, 0)
 
     def step(self, state: OuterState) -> tuple[OuterState, OuterInfo]:
         warm = self.warm_start and state.v is not None
@@ -326,7 +337,7 @@ def _iterate(step: Callable[[Any, Any], Any], w0: Any, hparams: Any, steps: int)
 
 
 @dataclass(frozen=True)
-class ITDBilevel(_Loop):
+class ITDBilevel(_DeterministicLoop):
     """Deterministic bilevel solver with ITD hypergradients (reference).
 
     Each step: ``w_T`` from ``inner_steps`` steps of ``w ← w + η(Φ(w, λ) − w)`` (or
@@ -346,18 +357,10 @@ class ITDBilevel(_Loop):
     inner_step_size: float = 1.0
     truncate: int | None = None
     warm_start: bool = False
+    _least_inner_steps = 1  # an unroll of 0 steps has no hypergradient (not a field: no annotation)
     projection: Callable[[Any], Any] | None = None
     data_size: int = 1
 
-    def __post_init__(self) -> None:
-        _one_form(self.inner_loss, self.fixed_point)
-        _check_steps(inner_steps=(self.inner_steps, 1), data_size=(self.data_size, 1))
-        as_step_size(self.lr, "lr")
-        as_step_size(self.inner_step_size, "inner_step_size")
-        _check_projection(self.projection)
-
-    def init(self, hparams: Any) -> OuterState:
-        return OuterState(_start(hparams, self.params0, self.projection), self.params0, None, 0, 0)
 
     def step(self, state: OuterState) -> tuple[OuterState, OuterInfo]:
         inner = _deterministic_inner(self.fixed_point, self.inner_loss, float(self.inner_step_size))
