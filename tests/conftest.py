@@ -17,3 +17,12 @@ def _default_dtype(request):
     torch.set_default_dtype(torch.float64 if module in FLOAT64_MODULES else torch.float32)
     yield
     torch.set_default_dtype(torch.float32)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny problems: one thread is fastest, and several spin-wait badly on a shared machine."""
+    from bilevel.apps._runs import one_thread as single
+
+    with single():
+        yield

@@ -25,13 +25,7 @@ def _finite_numbers(x, path="results"):
         yield path, x
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """As in the job's main(): these problems are tiny, and threads only contend."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # from conftest
 
 
 @pytest.fixture(scope="module")

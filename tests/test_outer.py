@@ -17,13 +17,7 @@ DT = torch.float64
 D, M = 6, 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny problems: one thread is fastest, and several spin-wait badly on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # from conftest
 
 
 @pytest.fixture(scope="module")
