@@ -84,6 +84,21 @@ def _inner_problem(
     return w, wspec, lam, loss
 
 
+def _gradient_and_hvp(
+    loss: Callable[[Leaves], torch.Tensor], w: Leaves, plain: bool
+) -> tuple[torch.Tensor, Leaves, Callable[[Leaves], Leaves]]:
+    """``(g(w), ∇g(w), v ↦ ∇²g(w) v)``: every Hessian–vector product goes through one graph
+    of ∇g built here (plain autograd outside torch.func transforms, a vjp closure under them)."""
+    if plain:
+        with torch.enable_grad():
+            wr = _fresh_leaves(w)
+            fval = loss(wr)
+            gw = _grads(fval, wr, create_graph=True)
+        return fval.detach(), [t.detach() for t in gw], lambda v: _grads(gw, wr, v)
+    gw, hvp, fval = vjp(grad_and_value(loss), w, has_aux=True)
+    return fval, list(gw), lambda v: list(hvp(v)[0])
+
+
 def newton_cg(
     inner_loss: Callable[[Any, Any], torch.Tensor],
     params0: Any,
@@ -101,21 +116,12 @@ def newton_cg(
     curvature falls back to a gradient step).
     """
     w, wspec, lam, loss = _inner_problem(inner_loss, params0, hparams, maxiter, tol)
-    grad_g = grad_and_value(loss)  # (∇g, g): the loss value comes with the gradient
     hvps, k = 0, 0
     gnorm0 = None
     converged = False
     plain = _plain_autograd(w, lam)
     for k in range(maxiter + 1):
-        if plain:  # ordinary autograd, graph of ∇g kept for this step's HVPs (faster than vjp)
-            with torch.enable_grad():
-                wr = _fresh_leaves(w)
-                fval = loss(wr)
-                gw_graph = _grads(fval, wr, create_graph=True)
-            gw = [t.detach() for t in gw_graph]
-            hvp = lambda v, gw_graph=gw_graph, wr=wr: (_grads(gw_graph, wr, v),)  # noqa: E731
-        else:
-            gw, hvp, fval = vjp(grad_g, w, has_aux=True)
+        fval, gw, hvp = _gradient_and_hvp(loss, w, plain)
         gnorm = _item(T.norm(gw))
         if gnorm0 is None:
             gnorm0 = max(1.0, gnorm)
@@ -128,7 +134,7 @@ def newton_cg(
             break
         try:
             forcing = CG(maxiter=cg_maxiter, tol=min(0.5, gnorm**0.5))
-            d, info = solve_leaves(lambda v, hvp=hvp: list(hvp(v)[0]), gw, forcing)
+            d, info = solve_leaves(hvp, gw, forcing)
             hvps += info.iterations
         except SolverError:  # negative curvature: steepest descent this step
             d = gw
@@ -144,7 +150,7 @@ def newton_cg(
                 break
             t *= 0.5
         w = w_new
-        wr = gw_graph = hvp = None  # free this step's graph before the next is built
+        hvp = None  # free this step's graph before the next is built
     with torch.no_grad():
         final = _item(loss(w))
     info = MinimizeInfo(k, hvps, gnorm, converged, final)
