@@ -115,3 +115,19 @@ def test_lbfgs_inverse_hessian_preconditions_the_hypergradient():
                               return_info=True)
     assert rel_err(plain, exact) < 1e-8 and rel_err(pre, exact) < 1e-8
     assert i_pre.iterations < i_plain.iterations, (i_pre.iterations, i_plain.iterations)
+
+
+@pytest.mark.parametrize("solver", ["newton_cg", "lbfgs"])
+def test_torch_func_path_reaches_the_same_solution(solver, monkeypatch):
+    # under torch.func transforms the solvers use torch.func closures instead of plain
+    # autograd: forced here, the same solution
+    import bilevel.minimize as mod
+
+    p = logistic()
+    w0 = torch.zeros_like(p.params)
+    fn = getattr(bl, solver)
+    plain, _ = fn(p.inner_loss, w0, p.hparams, tol=1e-13)
+    monkeypatch.setattr(mod, "_plain_autograd", lambda *groups: False)
+    func, info = fn(p.inner_loss, w0, p.hparams, tol=1e-13)
+    assert info.converged
+    assert rel_err(plain, p.params) < 1e-10 and rel_err(func, p.params) < 1e-10
