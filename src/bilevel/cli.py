@@ -3,6 +3,10 @@
     bilevel demo [options]        the main job: per-feature L2 HO on digits (= run ho-digits)
     bilevel run JOB [options]     one of the jobs below; ``bilevel run JOB --help`` for its options
     bilevel list                  the jobs
+
+A mistake in the call (an ``--out`` that cannot be written, ``--resume`` with no or an
+unreadable checkpoint, other settings than the checkpoint's) is one line on stderr and
+exit status 2; Ctrl-C is one line (how to resume) and status 130.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     cmd, rest = argv[0], argv[1:]
     if cmd == "demo":
-        return _run("ho-digits", rest)
+        return _run("ho-digits", rest, "bilevel demo")
     if cmd == "list":
         print("\n".join(sorted(JOBS)))
         return 0
@@ -34,13 +38,16 @@ def main(argv: list[str] | None = None) -> int:
         if not rest or rest[0] not in JOBS:
             print(f"bilevel run: name a job, one of: {', '.join(sorted(JOBS))}", file=sys.stderr)
             return 2
-        return _run(rest[0], rest[1:])
+        return _run(rest[0], rest[1:], f"bilevel run {rest[0]}")
     print(f"bilevel: unknown command {cmd!r}; try `bilevel --help`.", file=sys.stderr)
     return 2
 
 
-def _run(job: str, argv: list[str]) -> int:
-    return int(importlib.import_module(JOBS[job]).main(argv) or 0)
+def _run(job: str, argv: list[str], prog: str) -> int:
+    from bilevel.apps import _runs
+
+    module = importlib.import_module(JOBS[job])
+    return _runs.run_job(prog, module.main, argv, module._parser)
 
 
 if __name__ == "__main__":

@@ -3,19 +3,94 @@
 A job saves its whole state with :func:`save_checkpoint` after every outer step; started
 again with ``--resume`` it continues from the last checkpoint, so an interrupted run
 loses at most one step.  Results go to ``<out>/results.json``.
+
+Mistakes in how a job is called (an ``--out`` that cannot be written, ``--resume`` with no
+or an unreadable checkpoint, a checkpoint of other settings, a bad count) raise
+:class:`UserError` before any compute; :func:`run_job` (used by ``bilevel``) prints its
+message as one line and exits with status 2, and a Ctrl-C as one line with status 130.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
-from collections.abc import Iterator
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+
+CHECKPOINT = "checkpoint.pt"  # in the --out folder
+
+
+class UserError(ValueError):
+    """A mistake in how a job was called, with its fix: the CLI prints the message as one
+    line on stderr and exits with status 2, without a traceback."""
+
+
+def run_job(prog: str, main: Callable[[list[str]], int | None], argv: list[str],
+            parser: Callable[[], argparse.ArgumentParser] | None = None) -> int:
+    """``main(argv)`` with a user's errors as one line on stderr: :class:`UserError` exits
+    with status 2, Ctrl-C with 130 (``parser`` finds ``--out`` to say whether a checkpoint
+    is there to resume from)."""
+    try:
+        return int(main(argv) or 0)
+    except UserError as e:
+        _say(f"{prog}: {e}")
+        return 2
+    except KeyboardInterrupt:
+        ckpt = _checkpoint_of(parser, argv)
+        if ckpt is not None and ckpt.is_file():
+            _say(f"{prog}: interrupted; {ckpt} keeps the work done so far: "
+                 "rerun the same command with --resume to continue")
+        else:
+            _say(f"{prog}: interrupted before the first checkpoint: rerun the same command to start again")
+        return 130
+
+
+def _say(line: str) -> None:
+    print(" ".join(line.split()), file=sys.stderr)  # one line, whatever the message holds
+
+
+def _checkpoint_of(parser: Callable[[], argparse.ArgumentParser] | None, argv: list[str]) -> Path | None:
+    if parser is None:
+        return None
+    try:
+        return Path(parser().parse_known_args(argv)[0].out) / CHECKPOINT
+    except (Exception, SystemExit):  # only for the wording of the message
+        return None
+
+
+def _reason(e: BaseException) -> str:
+    """``Type: first sentence`` of an exception, short enough for a one-line message."""
+    text = " ".join(str(e).split())
+    first = text.split(". ")[0].rstrip(".")
+    if len(first) > 100:
+        first = first[:97] + "..."
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
+
+
+def prepare_out(path: str | os.PathLike[str], resume: bool) -> Path:
+    """The ``--out`` folder, checked before any compute: not a file, creatable, writable
+    (a real test write), and with ``resume`` holding a checkpoint.  Raises :class:`UserError`."""
+    p = Path(path)
+    try:
+        if p.exists() and not p.is_dir():
+            raise UserError(f"--out {p} is an existing file, not a folder: pass a folder to --out")
+        if resume and not (p / CHECKPOINT).is_file():
+            raise UserError(f"nothing to resume in {p}: no {CHECKPOINT}; run without --resume to start")
+        p.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=p, prefix=".write-test-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UserError(f"--out {p} is not a writable folder ({_reason(e)}): pass another --out") from None
+    return p
 
 
 def out_dir(path: str | os.PathLike[str]) -> Path:
@@ -31,10 +106,63 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: Path) -> dict[str, Any] | None:
+def load_checkpoint(path: Path, keys: tuple[str, ...] = ()) -> dict[str, Any] | None:
+    """The state saved at ``path`` (None when there is no file); :class:`UserError` when it
+    cannot be read or is not a dict holding ``keys``."""
     if not path.exists():
         return None
-    return torch.load(path, weights_only=False)
+    try:
+        state = torch.load(path, weights_only=False)
+    except Exception as e:  # whatever the bytes are, the file is unusable
+        raise _unreadable(path, _reason(e)) from None
+    if not isinstance(state, dict):
+        raise _unreadable(path, f"it holds a {type(state).__name__}, not a checkpoint")
+    missing = [k for k in keys if k not in state]
+    if missing:
+        raise _unreadable(path, f"no {', '.join(missing)} in it")
+    return state
+
+
+def _unreadable(path: Path, why: str) -> UserError:
+    return UserError(f"checkpoint {path} is unreadable ({why}): delete it or run without --resume")
+
+
+def start_run(out: str | os.PathLike[str], cfg: Any, *, resume: bool, keys: tuple[str, ...] = (),
+              grow: dict[str, str] | None = None) -> tuple[Path, dict[str, Any] | None]:
+    """Everything a job checks before its compute: the ``--out`` folder (:func:`prepare_out`)
+    and, with ``resume``, its checkpoint — readable, a dict with ``"config"`` and ``keys``,
+    and saved with the same settings as the dataclass ``cfg``.  ``grow`` maps the settings
+    that may grow on resume to the checkpoint's count of them done (``{"steps": "step"}``):
+    a checkpoint past them is refused.  Returns the folder and the saved state (None when
+    not resuming); raises :class:`UserError`."""
+    folder = prepare_out(out, resume)
+    if not resume:
+        return folder, None
+    ckpt, grow = folder / CHECKPOINT, grow or {}
+    saved = load_checkpoint(ckpt, tuple(dict.fromkeys(("config", *keys, *grow.values()))))
+    assert saved is not None  # prepare_out saw the file
+    if not isinstance(saved["config"], dict):
+        raise _unreadable(ckpt, "its config is not a dict")
+    was, now = _comparable(saved["config"]), _comparable(dataclasses.asdict(cfg))
+    differ = sorted(k for k in was.keys() | now.keys() if k not in grow and was.get(k) != now.get(k))
+    if differ:
+        shown = ", ".join(f"{k} {was.get(k)!r} there, {now.get(k)!r} here" for k in differ[:3])
+        more = f" and {len(differ) - 3} more" if len(differ) > 3 else ""
+        only = f" (only {', '.join('--' + k for k in grow)} may change)" if grow else ""
+        raise UserError(f"checkpoint {ckpt} belongs to a run with other settings ({shown}{more}): "
+                        f"resume with the same options{only}, or run without --resume to start over")
+    for name, done_key in grow.items():
+        done = saved[done_key]
+        if not isinstance(done, int):
+            raise _unreadable(ckpt, f"its {done_key} is not a count")
+        if done > now[name]:
+            raise UserError(f"checkpoint {ckpt} is at {done_key} {done}, past --{name} {now[name]}: "
+                            f"resume with --{name} {done} or more")
+    return folder, saved
+
+
+def _comparable(config: dict[str, Any]) -> dict[str, Any]:
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -83,7 +211,7 @@ def job_parser(prog: str, description: str, out: str) -> argparse.ArgumentParser
     return p
 
 
-def config_kwargs(args: argparse.Namespace, quick: dict[str, Any], prog: str, counts: dict[str, int]) -> dict[str, Any]:
+def config_kwargs(args: argparse.Namespace, quick: dict[str, Any], counts: dict[str, int]) -> dict[str, Any]:
     """Keyword arguments of a job's Config: the --quick settings, the seed, and every count
     option given on the command line (``counts``: option name -> its least value)."""
     kw: dict[str, Any] = dict(quick) if args.quick else {}
@@ -92,6 +220,6 @@ def config_kwargs(args: argparse.Namespace, quick: dict[str, Any], prog: str, co
         value = getattr(args, name)
         if value is not None:
             if value < least:
-                raise SystemExit(f"{prog}: --{name} should be >= {least}, not {value}")
+                raise UserError(f"--{name} should be >= {least}, not {value}: pass --{name} {least} or more")
             kw[name] = value
     return kw

@@ -139,21 +139,18 @@ HISTORY_KEYS = ("train_loss", "train_acc", "test_acc", "forward_iterations", "fo
                 "backward_iterations", "backward_residual", "seconds")
 
 
-def train(data: Data, cfg: Config, ckpt: Path | None = None, *, resume: bool = False,
+CHECKPOINT_KEYS = ("epoch", "model", "adam", "history")
+
+
+def train(data: Data, cfg: Config, ckpt: Path | None = None, *, saved: dict[str, Any] | None = None,
           show: bool = True) -> tuple[DEQClassifier, dict[str, list[float]]]:
-    """Adam on the cross-entropy, one checkpoint per epoch; returns the model and history."""
+    """Adam on the cross-entropy, one checkpoint per epoch, continuing from the checked state
+    ``saved`` (:func:`bilevel.apps._runs.start_run`) if given; returns the model and history."""
     torch.manual_seed(cfg.seed)
     model = DEQClassifier(cfg, data.X_train.shape[1])
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     start, hist = 0, {k: [] for k in HISTORY_KEYS}
-    if resume and ckpt is not None and (saved := _runs.load_checkpoint(ckpt)) is not None:
-        if {k: v for k, v in saved["config"].items() if k != "epochs"} != {
-            k: v for k, v in dataclasses.asdict(cfg).items() if k != "epochs"
-        }:
-            raise ValueError(
-                f"the checkpoint {ckpt} belongs to a run with other settings ({saved['config']}); "
-                "resume with the same options (only --epochs may change), or drop --resume."
-            )
+    if saved is not None:
         model.load_state_dict(saved["model"])
         opt.load_state_dict(saved["adam"])
         start, hist = saved["epoch"], saved["history"]
@@ -202,10 +199,10 @@ def train(data: Data, cfg: Config, ckpt: Path | None = None, *, resume: bool = F
 
 def run(cfg: Config, out: Path, *, resume: bool = False, show: bool = True) -> dict[str, Any]:
     """Train, evaluate, compare forward solvers; writes ``results.json`` in ``out``."""
-    out = _runs.out_dir(out)
+    out, saved = _runs.start_run(out, cfg, resume=resume, keys=CHECKPOINT_KEYS, grow={"epochs": "epoch"})
     t0 = time.perf_counter()
     data = load_data(cfg)
-    model, hist = train(data, cfg, out / "checkpoint.pt", resume=resume, show=show)
+    model, hist = train(data, cfg, out / _runs.CHECKPOINT, saved=saved, show=show)
     t_train = time.perf_counter() - t0
     model.eval()
     tol = cfg.compare_tol
@@ -238,7 +235,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
-    kw = _runs.config_kwargs(args, QUICK, "bilevel run deq-digits", {"epochs": 1})
+    kw = _runs.config_kwargs(args, QUICK, {"epochs": 1})
     return Config(**kw, forward=args.forward)
 
 

@@ -357,19 +357,10 @@ def nsid_vs_aid(cfg: Config, state: dict[str, Any], save: Callable[[dict[str, An
 
 
 def run(cfg: Config, out: Path, *, resume: bool = False, show: bool = True) -> dict[str, Any]:
-    out = _runs.out_dir(out)
-    ckpt = out / "checkpoint.pt"
+    out, saved = _runs.start_run(out, cfg, resume=resume)
+    ckpt = out / _runs.CHECKPOINT
     t_start = time.perf_counter()
-    state: dict[str, Any] = {"config": dataclasses.asdict(cfg)}
-    if resume:
-        saved = _runs.load_checkpoint(ckpt)
-        if saved is not None:
-            if _comparable(saved["config"]) != _comparable(dataclasses.asdict(cfg)):
-                raise ValueError(
-                    f"the checkpoint {ckpt} belongs to a run with other settings ({saved['config']}); "
-                    "resume with the same options, or drop --resume."
-                )
-            state = saved
+    state: dict[str, Any] = {"config": dataclasses.asdict(cfg)} if saved is None else saved
 
     def save_in(key: str) -> Callable[[dict[str, Any]], None]:
         def save(sub: dict[str, Any]) -> None:
@@ -409,10 +400,6 @@ def run(cfg: Config, out: Path, *, resume: bool = False, show: bool = True) -> d
     plot(results, out / "elastic_net.png")
     _runs.write_json(out / "results.json", results)
     return results
-
-
-def _comparable(cfg: dict[str, Any]) -> dict[str, Any]:
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}
 
 
 def verdict(res: dict[str, Any]) -> str:
@@ -521,7 +508,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    cfg = Config(**_runs.config_kwargs(args, QUICK, "bilevel run elastic-net", {"steps": 1}))
+    cfg = Config(**_runs.config_kwargs(args, QUICK, {"steps": 1}))
     out = Path(args.out)
     with _runs.one_thread():  # small problems: one thread is fastest
         res = run(cfg, out, resume=args.resume, show=not args.no_progress)

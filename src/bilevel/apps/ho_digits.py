@@ -259,32 +259,15 @@ HISTORY_KEYS = (
 )
 
 
-def _same_problem(saved: dict[str, Any], cfg: Config) -> bool:
-    """A run may be resumed with more steps, but with nothing else changed."""
-    now = dataclasses.asdict(cfg)
-    return {k: v for k, v in saved.items() if k != "steps"} == {k: v for k, v in now.items() if k != "steps"}
+CHECKPOINT_KEYS = ("step", "lam", "params", "v", "adam", "history")
 
 
 def learn_lambda(
-    data: Data, cfg: Config, ckpt: Path | None = None, *, resume: bool = False, show: bool = True
+    data: Data, cfg: Config, ckpt: Path | None = None, *, saved: dict[str, Any] | None = None, show: bool = True
 ) -> dict[str, Any]:
-    """Adam on λ with AID hypergradients for ``cfg.steps`` outer steps; checkpoints each step."""
-    state = _fresh_state(data, cfg)
-    if resume and ckpt is not None:
-        saved = _runs.load_checkpoint(ckpt)
-        if saved is not None:
-            saved_cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in saved["config"].items()}
-            if not _same_problem(saved_cfg, cfg):
-                raise ValueError(
-                    f"the checkpoint {ckpt} belongs to a run with other settings ({saved['config']}); "
-                    "resume with the same options (only --steps may change), or drop --resume."
-                )
-            if saved["step"] > cfg.steps:
-                raise ValueError(
-                    f"the checkpoint {ckpt} is at step {saved['step']}, past --steps {cfg.steps}: "
-                    f"resume with --steps {saved['step']} or more."
-                )
-            state = saved
+    """Adam on λ with AID hypergradients for ``cfg.steps`` outer steps, continuing from the
+    checked state ``saved`` (:func:`bilevel.apps._runs.start_run`) if given; checkpoints each step."""
+    state = _fresh_state(data, cfg) if saved is None else saved
     inner_loss, _ = make_losses(data)
     lam = state["lam"].clone()
     params, v, hist = state["params"], state["v"], state["history"]
@@ -331,11 +314,11 @@ def learn_lambda(
 
 def run(cfg: Config, out: Path, *, resume: bool = False, show: bool = True) -> dict[str, Any]:
     """The whole job: learned λ, the two baselines, ``results.json`` and ``demo.png`` in ``out``."""
-    out = _runs.out_dir(out)
+    out, saved = _runs.start_run(out, cfg, resume=resume, keys=CHECKPOINT_KEYS, grow={"steps": "step"})
     t_start = time.perf_counter()
     data = load_data(cfg)
     t0 = time.perf_counter()
-    learned = learn_lambda(data, cfg, out / "checkpoint.pt", resume=resume, show=show)
+    learned = learn_lambda(data, cfg, out / _runs.CHECKPOINT, saved=saved, show=show)
     t_learn = time.perf_counter() - t0
     # same compute: the learned λ used steps + 1 inner solves (one per step, one to evaluate)
     grid = grid_search(data, cfg, cfg.steps + 1)
@@ -468,7 +451,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
-    return Config(**_runs.config_kwargs(args, QUICK, "bilevel demo", {"steps": 1}))
+    return Config(**_runs.config_kwargs(args, QUICK, {"steps": 1}))
 
 
 def main(argv: list[str] | None = None) -> int:

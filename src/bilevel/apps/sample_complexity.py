@@ -198,19 +198,10 @@ METHODS = {"no-warm-start (JMLR 2023)": False, "warm start": True}
 
 
 def run(cfg: Config, out: Path, *, resume: bool = False, show: bool = True) -> dict[str, Any]:
-    out = _runs.out_dir(out)
-    ckpt = out / "checkpoint.pt"
+    out, saved = _runs.start_run(out, cfg, resume=resume, keys=("runs",))
+    ckpt = out / _runs.CHECKPOINT
     prob = make_problem(cfg.d, cfg.m, seed=cfg.seed, rho=cfg.rho, mu=cfg.mu, noise=cfg.noise)
-    done: dict[str, Any] = {}
-    if resume:
-        saved = _runs.load_checkpoint(ckpt)
-        if saved is not None:
-            if saved["config"] != dataclasses.asdict(cfg):
-                raise ValueError(
-                    f"the checkpoint {ckpt} belongs to a run with other settings ({saved['config']}); "
-                    "resume with the same options, or drop --resume."
-                )
-            done = saved["runs"]
+    done: dict[str, Any] = {} if saved is None else saved["runs"]
     tasks = [(name, j, r) for name in METHODS for j in range(cfg.levels) for r in range(cfg.reps)]
     t0 = time.perf_counter()
     bar = _runs.progress(tasks, desc="runs", unit="run") if show else tasks
@@ -305,7 +296,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    cfg = Config(**_runs.config_kwargs(args, QUICK, "bilevel run sample-complexity", {"levels": 2, "reps": 1}))
+    cfg = Config(**_runs.config_kwargs(args, QUICK, {"levels": 2, "reps": 1}))
     with _runs.one_thread():  # tiny problem: one thread is fastest
         res = run(cfg, Path(args.out), resume=args.resume, show=not args.no_progress)
     pr = res["problem"]
