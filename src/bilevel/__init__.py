@@ -1,7 +1,8 @@
 """bilevel: hypergradients and bilevel optimisation in PyTorch."""
 
 from bilevel import linear_solve, nn, nonsmooth, prox
-from bilevel.custom import ConvergenceWarning, ImplicitInfo, implicit
+from bilevel._checks import ConvergenceWarning
+from bilevel.custom import ImplicitInfo, implicit
 from bilevel.fixed_point_solve import Anderson, Picard, fixed_point_solve
 from bilevel.ift import HypergradInfo, hypergrad
 from bilevel.linear_solve import (
@@ -13,6 +14,7 @@ from bilevel.linear_solve import (
     Neumann,
     NormalCG,
     NotContractionError,
+    SingularSystemError,
     SolveInfo,
     SolverError,
     solve,
@@ -68,6 +70,7 @@ __all__ = [
     "Dense",
     "SolverError",
     "NotContractionError",
+    "SingularSystemError",
     "sid",
     "SIDInfo",
     "stochastic_fixed_point",

@@ -101,11 +101,25 @@ def flat_fn(fn: Callable[[Any], Any], spec: Any) -> Callable[[Leaves], Leaves]:
 
 
 def describe(tree: Any) -> str:
-    """Short human-readable structure of a pytree, for error messages."""
+    """Short human-readable structure of a pytree, containers included, for error messages:
+    ``tuple(2 leaves: [(3,):float64, (2,):float64])`` differs from the same leaves in a list."""
     leaves, spec = tree_flatten(tree)
     shapes = ", ".join(
         f"{tuple(t.shape)}:{str(t.dtype).replace('torch.', '')}" if isinstance(t, torch.Tensor)
         else type(t).__name__
         for t in leaves
     )
-    return f"{len(leaves)} leaves [{shapes}]"
+    if spec.num_children == 0 and len(leaves) == 1:
+        return f"a tensor [{shapes}]" if isinstance(tree, torch.Tensor) else f"1 leaf [{shapes}]"
+    return f"{_containers(spec)} with {len(leaves)} leaves [{shapes}]"
+
+
+def _containers(spec: Any) -> str:
+    """The container skeleton of a spec: ``tuple(*, list[*, *])``, dict keys named."""
+    if spec.num_children == 0:
+        return "*"
+    kind = getattr(spec.type, "__name__", str(spec.type))
+    kids = [_containers(c) for c in spec.children()]
+    if spec.type is dict:
+        return "dict{" + ", ".join(f"{k!r}: {c}" for k, c in zip(spec.context, kids)) + "}"
+    return f"{kind}(" + ", ".join(kids) + ")"

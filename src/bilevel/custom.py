@@ -27,14 +27,13 @@ from typing import Any
 import torch
 
 from bilevel import _tree as T
-from bilevel.ift import _check_input_finite, _leaves_pair, check_symmetric, implicit_operator
+from bilevel._checks import ConvergenceWarning, check_finite, check_input_finite, item, leaves_pair
+from bilevel.ift import check_symmetric, implicit_operator
 from bilevel.linear_solve import (
     CG,
     GMRES,
     NormalCG,
     Solver,
-    _item,
-    check_finite,
     check_solver,
     solve_leaves,
 )
@@ -42,10 +41,6 @@ from bilevel.linear_solve import (
 __all__ = ["implicit", "ImplicitInfo", "ConvergenceWarning"]
 
 Leaves = list[torch.Tensor]
-
-
-class ConvergenceWarning(UserWarning):
-    """An iterative solve stopped before reaching its tolerance; the message gives the residual."""
 
 
 @dataclass(frozen=True)
@@ -155,7 +150,7 @@ class _Implicit(torch.autograd.Function):
         grads = op.cross(v)
         check_finite(grads, "the implicit gradient")
         info = ImplicitInfo(sinfo.solver, sinfo.iterations, sinfo.residual, sinfo.converged,
-                            _item(op.inner_residual))
+                            item(op.inner_residual))
         _warn_if_inaccurate(plan, info)
         if plan.on_backward is not None:
             plan.on_backward(info)
@@ -252,8 +247,8 @@ def implicit(
 
         @functools.wraps(inner_solver)
         def solve(params0: Any, hparams: Any, *args: Any) -> Any:
-            (w0, wspec), (lam, lspec) = _leaves_pair(params0, hparams, "params0")
-            _check_input_finite(lam, "hparams")
+            (w0, wspec), (lam, lspec) = leaves_pair(params0, hparams, "params0")
+            check_input_finite(lam, "hparams")
             targs, static, marked, args_spec = _split_args(args, marked_args)
             plan = _Plan(inner_solver, form, condition, solver, inner_tol, on_backward,
                          wspec, lspec, len(w0), len(lam), args_spec, static, marked)

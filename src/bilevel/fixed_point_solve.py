@@ -19,7 +19,8 @@ from typing import Any
 import torch
 
 from bilevel import _tree as T
-from bilevel.linear_solve import SolveInfo, _item, _Monitor
+from bilevel._checks import item
+from bilevel.linear_solve import SolveInfo, _Monitor
 
 __all__ = ["Picard", "Anderson", "FixedPointSolver", "fixed_point_solve"]
 
@@ -192,4 +193,4 @@ def fixed_point_solve(
             z, k, res = _picard(f, z, solver)
         else:
             z, k, res = _anderson(f, z, solver)
-    return from_rows(z), SolveInfo(type(solver).__name__, k, _item(res), _item(res <= solver.tol))
+    return from_rows(z), SolveInfo(type(solver).__name__, k, item(res), item(res <= solver.tol))

@@ -23,17 +23,18 @@ import torch
 from torch.func import grad, jvp, vjp
 
 from bilevel import _tree as T
-from bilevel.linear_solve import (
-    CG,
-    SYMMETRIC_SOLVERS,
-    NormalCG,
-    Solver,
-    _item,
+from bilevel._checks import (
+    check_autograd,
     check_finite,
-    check_solver,
+    check_input_finite,
+    check_reached,
+    check_shaped_like,
+    item,
+    leaves_pair,
     no_transform,
-    solve_leaves,
+    scalar,
 )
+from bilevel.linear_solve import CG, SYMMETRIC_SOLVERS, NormalCG, Solver, check_solver, solve_leaves
 
 __all__ = ["hypergrad", "HypergradInfo", "ImplicitOperator", "implicit_operator", "check_symmetric"]
 
@@ -78,86 +79,6 @@ class ImplicitOperator:
     inner_residual: torch.Tensor
 
 
-def _leaves(tree: Any, name: str) -> tuple[Leaves, Any]:
-    leaves, spec = T.tree_flatten(tree)
-    if not leaves:
-        raise ValueError(f"{name} is empty: it should be a tensor or a pytree of tensors.")
-    for t in leaves:
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(
-                f"{name} should be a tensor or a pytree (tuple/list/dict) of tensors; it "
-                f"holds a {type(t).__name__}. Convert it with torch.as_tensor(...)."
-            )
-        if not t.is_floating_point():
-            raise TypeError(
-                f"{name} should hold floating-point tensors, not {t.dtype}: "
-                f"use .to(torch.float64) (or float32)."
-            )
-    return leaves, spec
-
-
-def _leaves_pair(params: Any, hparams: Any, pname: str) -> tuple[tuple[Leaves, Any], tuple[Leaves, Any]]:
-    """Leaves and specs of ``params`` and ``hparams``, which must share one float dtype."""
-    w, wspec = _leaves(params, pname)
-    lam, lspec = _leaves(hparams, "hparams")
-    dtypes = {t.dtype for t in w + lam}
-    if len(dtypes) > 1:
-        raise TypeError(
-            f"{pname} and hparams should share one dtype, got {sorted(map(str, dtypes))}: "
-            "cast them with .to(torch.float64) (or float32)."
-        )
-    return (w, wspec), (lam, lspec)
-
-
-def _check_autograd(name: str) -> None:
-    """Refuse to run under torch.inference_mode(): there autograd records nothing, and every
-    derivative would silently come out as zero."""
-    if torch.is_inference_mode_enabled():
-        raise RuntimeError(
-            f"{name} differentiates with autograd, which torch.inference_mode() switches off "
-            "(the result would be zeros). Call it outside inference_mode; torch.no_grad() is fine."
-        )
-
-
-def _prepare_pair(params: Any, hparams: Any, pname: str) -> tuple[Leaves, Any, Leaves, Any]:
-    """Detached, finite leaves (and specs) of ``params`` and ``hparams`` of one dtype."""
-    _check_autograd("this solver")
-    (w, wspec), (lam, lspec) = _leaves_pair(params, hparams, pname)
-    w = [t.detach() for t in w]
-    lam = [t.detach() for t in lam]
-    _check_input_finite(w, pname)
-    _check_input_finite(lam, "hparams")
-    return w, wspec, lam, lspec
-
-
-def _check_shaped_like(out: Leaves, ospec: Any, w: Leaves, wspec: Any, what: str, like: str = "params") -> None:
-    """Raise unless ``out`` (leaves, spec) has the structure and shapes of ``w``."""
-    if ospec != wspec or any(not isinstance(o, torch.Tensor) or o.shape != x.shape for o, x in zip(out, w)):
-        raise ValueError(
-            f"{what} should return a pytree with the structure and shapes of {like} "
-            f"({T.describe(T.tree_unflatten(list(w), wspec))}), got {T.describe(T.tree_unflatten(list(out), ospec))}."
-        )
-
-
-def _check_input_finite(leaves: Leaves, name: str) -> None:
-    try:
-        ok = all(bool(torch.isfinite(t).all()) for t in leaves)
-    except RuntimeError:  # batched under vmap
-        return
-    if not ok:
-        raise ValueError(f"{name} contains NaN or Inf; the hypergradient would be meaningless.")
-
-
-def _scalar(value: Any, name: str) -> torch.Tensor:
-    if not isinstance(value, torch.Tensor) or value.numel() != 1:
-        shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-        raise ValueError(
-            f"{name} should return a scalar tensor, got {shape}. Reduce it, e.g. with "
-            f".mean() or .sum()."
-        )
-    return value.reshape(())
-
-
 def _tree_fn(fn: Callable[..., Any], wspec: Any, lspec: Any) -> Callable[[Leaves, Leaves], Any]:
     """fn(params, hparams) as a function of leaves."""
     return lambda w, lam: fn(T.tree_unflatten(list(w), wspec), T.tree_unflatten(list(lam), lspec))
@@ -178,7 +99,7 @@ def implicit_operator(
     Pass exactly one of ``inner_loss``, ``fixed_point`` or ``root`` (``F(w, λ) = 0``, ``F``
     shaped like ``params``: a KKT map, any optimality condition).
     """
-    _check_autograd("implicit_operator")
+    check_autograd("implicit_operator")
     w, lam = params, hparams
     if sum(fn is not None for fn in (inner_loss, fixed_point, root)) != 1:
         raise ValueError(
@@ -190,7 +111,7 @@ def implicit_operator(
         g = _tree_fn(inner_loss, wspec, lspec)
 
         def scalar_g(wl: Leaves, ll: Leaves) -> torch.Tensor:
-            return _scalar(g(wl, ll), "inner_loss")
+            return scalar(g(wl, ll), "inner_loss")
 
         if _plain_autograd(w, lam):
             # one graph of ∇_w g, kept: each Hessian–vector product is one backward through
@@ -218,7 +139,7 @@ def implicit_operator(
 
     def phi_leaves(wl: Leaves, ll: Leaves) -> Leaves:
         out, ospec = T.tree_flatten(phi(wl, ll))
-        _check_shaped_like(out, ospec, w, wspec, f"{name}(params, hparams)")
+        check_shaped_like(out, ospec, w, wspec, f"{name}(params, hparams)")
         return out
 
     if _plain_autograd(w, lam):  # one graph of Φ (or F), kept; every vjp is one backward through it
@@ -300,7 +221,7 @@ def _asymmetry(matvec: Callable[[Leaves], Leaves], like: Leaves) -> float:
     u, z = probe(), probe()
     au, az = matvec(u), matvec(z)
     scale = T.norm(u) * T.norm(az) + T.norm(z) * T.norm(au)
-    return _item((T.vdot(u, az) - T.vdot(z, au)).abs() / torch.clamp(scale, min=1e-300))
+    return item((T.vdot(u, az) - T.vdot(z, au)).abs() / torch.clamp(scale, min=1e-300))
 
 
 def check_symmetric(solver: Solver, op: ImplicitOperator, like: Leaves, form: str = "fixed_point") -> None:
@@ -350,22 +271,22 @@ def hypergrad(
     reaches neither loss (its hypergradient would be zero for a structural reason).
     """
     check_solver(solver)
-    _check_autograd("hypergrad")
-    (w, wspec), (lam, lspec) = _leaves_pair(params, hparams, "params")
+    check_autograd("hypergrad")
+    (w, wspec), (lam, lspec) = leaves_pair(params, hparams, "params")
     w = [t.detach() for t in w]
     lam = [t.detach() for t in lam]
-    _check_input_finite(w, "params")
-    _check_input_finite(lam, "hparams")
+    check_input_finite(w, "params")
+    check_input_finite(lam, "hparams")
 
     f = _tree_fn(outer_loss, wspec, lspec)
     if _plain_autograd(w, lam):
         with torch.enable_grad():
             wr, lr = _fresh_leaves(w), _fresh_leaves(lam)
-            fval = _scalar(f(wr, lr), "outer_loss")
+            fval = scalar(f(wr, lr), "outer_loss")
             both = _grads(fval, wr + lr)
         gw, gl, fval = both[: len(w)], both[len(w) :], fval.detach()
     else:
-        fval, f_vjp = vjp(lambda wl, ll: _scalar(f(wl, ll), "outer_loss"), w, lam)
+        fval, f_vjp = vjp(lambda wl, ll: scalar(f(wl, ll), "outer_loss"), w, lam)
         gw, gl = f_vjp(torch.ones_like(fval))
     check_finite(gw, "∇_w outer_loss")
 
@@ -381,7 +302,7 @@ def hypergrad(
     check_finite(v, f"the linear-system solution v ({sinfo.solver}, {sinfo.iterations} iterations)")
     hg = T.add(gl, op.cross(v))
     check_finite(hg, "the hypergradient")
-    _check_reached(hg, lspec, lambda: _unused_hparams(f, inner_loss, fixed_point, w, lam, wspec, lspec))
+    check_reached(hg, lspec, lambda: _unused_hparams(f, inner_loss, fixed_point, w, lam, wspec, lspec))
     out = T.tree_unflatten([t.detach() for t in hg], lspec)
     if not return_info:
         return out
@@ -390,41 +311,11 @@ def hypergrad(
         sinfo.iterations,
         sinfo.residual,
         sinfo.converged,
-        _item(op.inner_residual),
-        _item(fval),
+        item(op.inner_residual),
+        item(fval),
         T.tree_unflatten([t.detach() for t in v], wspec),
     )
     return out, info
-
-
-def _check_reached(hg: Leaves, lspec: Any, find_unused: Callable[[], list[int]]) -> None:
-    """Raise if an all-zero hypergradient leaf comes from an hparam that reaches nothing."""
-    try:
-        zero = [i for i, t in enumerate(hg) if not bool(t.any())]
-    except RuntimeError:  # batched under vmap: cannot look at the data
-        return
-    if not zero:
-        return
-    unused = [i for i in find_unused() if i in zero]
-    if unused:
-        paths = _leaf_paths(lspec)
-        names = ", ".join(paths[i] for i in unused)
-        raise ValueError(
-            f"hparams leaf {names} reaches neither outer_loss nor the inner problem's "
-            "solution (inner_loss gradient / fixed_point), so its hypergradient is zero for "
-            "a structural reason. Remove it from hparams, or check that your losses use it."
-        )
-
-
-def _leaf_paths(spec: Any) -> list[str]:
-    n = spec.num_leaves
-    try:
-        from torch.utils._pytree import keystr, tree_flatten_with_path
-
-        dummy = T.tree_unflatten(list(range(n)), spec)
-        return [keystr(p) or "hparams" for p, _ in tree_flatten_with_path(dummy)[0]]
-    except Exception:
-        return [f"#{i}" for i in range(n)]
 
 
 def _unused_hparams(f, inner_loss, fixed_point, w, lam, wspec, lspec) -> list[int]:

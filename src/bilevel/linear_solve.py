@@ -20,12 +20,19 @@ from typing import Any
 
 import torch
 
-try:  # which torch.func transforms are active; private, so tolerate its absence
-    from torch._C._functorch import peek_interpreter_stack as _peek_interpreter_stack
-except ImportError:  # pragma: no cover
-    _peek_interpreter_stack = None
-
 from bilevel import _tree as T
+from bilevel._checks import (
+    DIVERGENCE_FACTOR,
+    NotContractionError,
+    SingularSystemError,
+    SolverError,
+    check_count,
+    check_finite,
+    check_positive,
+    check_tol,
+    item,
+    no_transform,
+)
 
 __all__ = [
     "FixedPoint",
@@ -39,28 +46,16 @@ __all__ = [
     "SolveInfo",
     "solve",
     "NotContractionError",
+    "SingularSystemError",
     "SolverError",
 ]
 
 _CHECK_EVERY_ACCEL = 8
-# Residual growth (relative to the start) at which a Richardson iteration is declared
-# divergent.  Non-normal contractions can grow transiently, so this is generous.
-_DIVERGENCE_FACTOR = 1e6
-
-
-class SolverError(RuntimeError):
-    """A linear solve failed numerically (NaN/Inf, breakdown, wrong curvature)."""
-
-
-class NotContractionError(SolverError):
-    """A fixed-point (Richardson / Neumann) iteration diverged."""
 
 
 def _check_options(name: str, maxiter: int, tol: float) -> None:
-    if not isinstance(maxiter, int) or isinstance(maxiter, bool) or maxiter < 0:
-        raise ValueError(f"{name}: maxiter should be a non-negative int, not {maxiter!r}.")
-    if not (isinstance(tol, (int, float)) and tol >= 0 and math.isfinite(tol)):
-        raise ValueError(f"{name}: tol should be a finite float >= 0, not {tol!r}.")
+    check_count(f"{name}: maxiter", maxiter)
+    check_tol(f"{name}: tol", tol)
 
 
 @dataclass(frozen=True)
@@ -78,7 +73,7 @@ class FixedPoint:
 
     def __post_init__(self) -> None:
         _check_options("FixedPoint", self.maxiter, self.tol)
-        _check_step("FixedPoint", self.step)
+        check_positive("FixedPoint: step", self.step)
 
 
 @dataclass(frozen=True)
@@ -95,7 +90,7 @@ class Neumann:
 
     def __post_init__(self) -> None:
         _check_options("Neumann", self.maxiter, self.tol)
-        _check_step("Neumann", self.step)
+        check_positive("Neumann: step", self.step)
 
 
 @dataclass(frozen=True)
@@ -130,8 +125,7 @@ class GMRES:
 
     def __post_init__(self) -> None:
         _check_options("GMRES", self.maxiter, self.tol)
-        if not isinstance(self.restart, int) or self.restart < 1:
-            raise ValueError(f"GMRES: restart should be an int >= 1, not {self.restart!r}.")
+        check_count("GMRES: restart", self.restart, 1)
 
 
 @dataclass(frozen=True)
@@ -153,11 +147,6 @@ class Dense:
 Solver = FixedPoint | Neumann | CG | MINRES | GMRES | NormalCG | Dense
 _SOLVERS = (FixedPoint, Neumann, CG, MINRES, GMRES, NormalCG, Dense)
 SYMMETRIC_SOLVERS = (CG, MINRES)
-
-
-def _check_step(name: str, step: float) -> None:
-    if not (isinstance(step, (int, float)) and step > 0 and math.isfinite(step)):
-        raise ValueError(f"{name}: step should be a finite float > 0, not {step!r}.")
 
 
 def check_solver(solver: Any) -> None:
@@ -190,14 +179,6 @@ class SolveInfo:
 
 Leaves = list[torch.Tensor]
 MatVec = Callable[[Leaves], Leaves]
-
-
-def _item(t: torch.Tensor) -> Any:
-    """``t.item()``, or ``t`` itself when it is batched by ``vmap`` (no data access)."""
-    try:
-        return t.item()
-    except RuntimeError:
-        return t
 
 
 class _Monitor:
@@ -257,21 +238,16 @@ def _richardson(
         res = T.norm(r)
         k += 1
         if not mon.batched and not (k % mon.every) and not bool(
-            torch.isfinite(res) & (res <= _DIVERGENCE_FACTOR * start)
+            torch.isfinite(res) & (res <= DIVERGENCE_FACTOR * start)
         ):
             raise NotContractionError(
-                f"{name} diverged: the residual grew from {_item(start):.3g} to "
-                f"{_item(res):.3g} in {k} iterations, so the iteration map is not a "
+                f"{name} diverged: the residual grew from {item(start):.3g} to "
+                f"{item(res):.3g} in {k} iterations, so the iteration map is not a "
                 f"contraction (‖I − step·A‖ ≥ 1). For an inner_loss lower `step` "
                 f"(it needs step < 2/λ_max(Hessian)) or use CG(); for a fixed_point "
                 f"that is not a contraction use GMRES() or NormalCG()."
             )
     return x, k, res / torch.where(bnorm > 0, bnorm, torch.ones_like(bnorm))
-
-
-def no_transform() -> bool:
-    """True when no torch.func transform (vmap, grad, jvp) is active."""
-    return _peek_interpreter_stack is not None and _peek_interpreter_stack() is None
 
 
 def _records_graph(leaves: Leaves) -> bool:
@@ -543,7 +519,7 @@ def solve_leaves(
         x, k, res = _dense(matvec, b)
     tol = getattr(solver, "tol", 1e-8)
     converged = res <= max(tol, 1e-12) if isinstance(solver, Dense) else res <= tol
-    return x, SolveInfo(name, k, _item(res), _item(converged))
+    return x, SolveInfo(name, k, item(res), item(converged))
 
 
 def solve(
@@ -600,16 +576,3 @@ def _checked(fn: MatVec, like: Sequence[torch.Tensor], name: str) -> MatVec:
         return out
 
     return wrapped
-
-
-def check_finite(leaves: Sequence[torch.Tensor], what: str) -> None:
-    """Raise :class:`SolverError` if any leaf holds NaN/Inf (skipped under vmap)."""
-    try:
-        ok = all(bool(torch.isfinite(t).all()) for t in leaves)
-    except RuntimeError:  # batched under vmap: cannot look at the data
-        return
-    if not ok:
-        raise SolverError(
-            f"NaN or Inf in {what}. Check the inputs and the losses for NaN/Inf, "
-            f"and that the linear system is well posed (a contraction / positive definite)."
-        )

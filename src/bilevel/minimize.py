@@ -27,17 +27,14 @@ import torch
 from torch.func import grad_and_value, vjp
 
 from bilevel import _tree as T
+from bilevel._checks import SolverError, check_autograd, check_input_finite, item, leaves, scalar
 from bilevel.ift import (
-    _check_autograd,
-    _check_input_finite,
     _fresh_leaves,
     _grads,
-    _leaves,
     _plain_autograd,
-    _scalar,
     _tree_fn,
 )
-from bilevel.linear_solve import CG, SolverError, _host_scalars, _item, solve_leaves
+from bilevel.linear_solve import CG, _host_scalars, solve_leaves
 
 Leaves = list[torch.Tensor]
 
@@ -66,20 +63,20 @@ def _inner_problem(
     inner_loss: Callable[[Any, Any], torch.Tensor], params0: Any, hparams: Any, maxiter: int, tol: float
 ) -> tuple[Leaves, Any, Leaves, Callable[[Leaves], torch.Tensor]]:
     """Checked options, detached leaves of params0 and hparams, and ``w ↦ g(w, λ)`` on leaves."""
-    _check_autograd("the inner solver")
+    check_autograd("the inner solver")
     if not isinstance(maxiter, int) or isinstance(maxiter, bool) or maxiter < 0:
         raise ValueError(f"maxiter should be an int >= 0, not {maxiter!r}.")
     if not tol >= 0:
         raise ValueError(f"tol should be >= 0, not {tol!r}.")
-    w, wspec = _leaves(params0, "params0")
-    lam, lspec = _leaves(hparams, "hparams")
+    w, wspec = leaves(params0, "params0")
+    lam, lspec = leaves(hparams, "hparams")
     w = [t.detach() for t in w]
     lam = [t.detach() for t in lam]
-    _check_input_finite(w, "params0")
+    check_input_finite(w, "params0")
     g = _tree_fn(inner_loss, wspec, lspec)
 
     def loss(wl: Leaves) -> torch.Tensor:
-        return _scalar(g(wl, lam), "inner_loss")
+        return scalar(g(wl, lam), "inner_loss")
 
     return w, wspec, lam, loss
 
@@ -122,7 +119,7 @@ def newton_cg(
     plain = _plain_autograd(w, lam)
     for k in range(maxiter + 1):
         fval, gw, hvp = _gradient_and_hvp(loss, w, plain)
-        gnorm = _item(T.norm(gw))
+        gnorm = item(T.norm(gw))
         if gnorm0 is None:
             gnorm0 = max(1.0, gnorm)
         if not gnorm == gnorm or gnorm == float("inf"):
@@ -138,21 +135,21 @@ def newton_cg(
             hvps += info.iterations
         except SolverError:  # negative curvature: steepest descent this step
             d = gw
-        slope = _item(T.vdot(gw, d))
+        slope = item(T.vdot(gw, d))
         if not slope > 0:
             d, slope = gw, gnorm**2
-        f0, t = _item(fval), 1.0
+        f0, t = item(fval), 1.0
         while t > 1e-10:
             w_new = T.axpy(-t, d, w)
             with torch.no_grad():  # no graph for line-search trials
-                trial = _item(loss(w_new))
+                trial = item(loss(w_new))
             if trial <= f0 - 1e-4 * t * slope:
                 break
             t *= 0.5
         w = w_new
         hvp = None  # free this step's graph before the next is built
     with torch.no_grad():
-        final = _item(loss(w))
+        final = item(loss(w))
     info = MinimizeInfo(k, hvps, gnorm, converged, final)
     return T.tree_unflatten(w, wspec), info
 
@@ -164,7 +161,7 @@ def _value_and_grad(loss: Callable[[Leaves], torch.Tensor], plain: bool) -> Call
 
         def under_transform(w: Leaves) -> tuple[float, Leaves]:
             gw, fval = grad_g(w)
-            return _item(fval), list(gw)
+            return item(fval), list(gw)
 
         return under_transform
 
@@ -199,7 +196,7 @@ def lbfgs(
     value_and_grad = _value_and_grad(loss, _plain_autograd(w, lam))
     fval, gw = value_and_grad(w)
     evals, k, converged = 1, 0, False
-    gnorm = _item(T.norm(gw))
+    gnorm = item(T.norm(gw))
     scale = max(1.0, gnorm)
     pairs: list[tuple[Leaves, Leaves, float]] = []  # (s, y, 1 / yᵀs), oldest first
     eps = torch.finfo(w[0].dtype).eps
@@ -212,7 +209,7 @@ def lbfgs(
         if k == maxiter:
             break
         d = _two_loop(gw, pairs) if pairs else T.scale(1.0 / gnorm, gw)  # ≈ H⁻¹ ∇g
-        slope = _item(T.vdot(gw, d))
+        slope = item(T.vdot(gw, d))
         if not slope > 0:  # not a descent direction (rounding, or a stale pair): restart
             pairs.clear()
             d, slope = T.scale(1.0 / gnorm, gw), gnorm
@@ -224,13 +221,13 @@ def lbfgs(
             w_new = T.axpy(-t, d, w)
             f_new, g_new = value_and_grad(w_new)
             evals += 1
-            gnorm_new = _item(T.norm(g_new))
+            gnorm_new = item(T.norm(g_new))
             if f_new <= fval - 1e-4 * t * slope or (f_new <= fval + slack and gnorm_new < gnorm) or t < 1e-12:
                 break
             t *= 0.5
         s_k, y_k = T.sub(w_new, w), T.sub(g_new, gw)
-        sy = _item(T.vdot(s_k, y_k))
-        if sy > 1e-12 * _item(T.norm(s_k)) * _item(T.norm(y_k)):  # curvature pair usable
+        sy = item(T.vdot(s_k, y_k))
+        if sy > 1e-12 * item(T.norm(s_k)) * item(T.norm(y_k)):  # curvature pair usable
             pairs.append((s_k, y_k, 1.0 / sy))
             if len(pairs) > history:
                 pairs.pop(0)

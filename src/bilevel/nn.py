@@ -18,7 +18,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from bilevel.custom import ConvergenceWarning, ImplicitInfo, implicit
+from bilevel._checks import ConvergenceWarning
+from bilevel.custom import ImplicitInfo, implicit
 from bilevel.fixed_point_solve import Anderson, FixedPointSolver, fixed_point_solve
 from bilevel.linear_solve import GMRES, SolveInfo, Solver, check_solver
 

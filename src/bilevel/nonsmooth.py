@@ -34,8 +34,19 @@ import torch
 from torch.func import grad, jvp, vjp
 
 from bilevel import _tree as T
-from bilevel.ift import _check_reached, _check_shaped_like, _prepare_pair, _scalar, _tree_fn
-from bilevel.linear_solve import _DIVERGENCE_FACTOR, NotContractionError, SolveInfo, SolverError, _item, check_finite
+from bilevel._checks import (
+    DIVERGENCE_FACTOR,
+    NotContractionError,
+    SolverError,
+    check_finite,
+    check_reached,
+    check_shaped_like,
+    item,
+    prepare_pair,
+    scalar,
+)
+from bilevel.ift import _tree_fn
+from bilevel.linear_solve import SolveInfo
 from bilevel.prox import ProximalGradient, _hessian_spectrum
 from bilevel.stochastic import BatchStream, DecreasingStep, StepSize, as_step_size, as_stream
 
@@ -87,7 +98,7 @@ def fista(
         raise ValueError(f"fista: maxiter should be an int >= 1, not {maxiter!r}.")
     if not (isinstance(tol, (int, float)) and tol >= 0 and math.isfinite(tol)):
         raise ValueError(f"fista: tol should be a finite float >= 0, not {tol!r}.")
-    w, wspec, lam, lspec = _prepare_pair(params0, hparams, "params0")
+    w, wspec, lam, lspec = prepare_pair(params0, hparams, "params0")
     _check_prox_step(fixed_point, T.tree_unflatten(w, wspec), T.tree_unflatten(lam, lspec))
     phi = _map_leaves(fixed_point, wspec, lspec, "fixed_point")
     y, t, r, start, k = w, 1.0, math.inf, math.inf, 0
@@ -101,7 +112,7 @@ def fista(
             k += 1
             if k == 1:
                 start = max(dist, 1e-300)
-            if not math.isfinite(dist) or dist > _DIVERGENCE_FACTOR * start:
+            if not math.isfinite(dist) or dist > DIVERGENCE_FACTOR * start:
                 raise NotContractionError(
                     f"fista diverged: ‖Φ(y) − y‖ went from {start:.3g} to {dist:.3g} in {k} "
                     "steps, so Φ is not a contraction here: lower the step (it must be < 2/L, L "
@@ -149,7 +160,7 @@ def _map_leaves(fn: Callable[..., Any], wspec: Any, lspec: Any, name: str):
             fn(T.tree_unflatten(list(w), wspec), T.tree_unflatten(list(lam), lspec), *extra)
         )
         if not checked[0]:
-            _check_shaped_like(res, ospec, w, wspec, name)
+            check_shaped_like(res, ospec, w, wspec, name)
             checked[0] = True
         return res
 
@@ -196,7 +207,7 @@ def proximal_gradient_composite(
     ProximalGradient(batch_loss, prox, step)  # validates prox and step
 
     def inner(params: Any, hparams: Any, batch: Any) -> Any:
-        g = grad(lambda p: _scalar(batch_loss(p, hparams, batch), "batch_loss"))(params)
+        g = grad(lambda p: scalar(batch_loss(p, hparams, batch), "batch_loss"))(params)
         return T.tree_map(lambda w, gw: w - step * gw, params, g)
 
     return CompositeMap(inner, lambda u, hparams: prox(u, hparams, step))
@@ -227,12 +238,12 @@ def stochastic_proximal_gradient(
     """
     _check_count(steps, "steps")
     eta = as_step_size(step_size, "step_size")
-    w, wspec, lam, lspec = _prepare_pair(params0, hparams, "params0")
+    w, wspec, lam, lspec = prepare_pair(params0, hparams, "params0")
     stream = as_stream(batches)
 
     def loss(wl: Leaves, ll: Leaves, batch: Any) -> torch.Tensor:
         p, h = T.tree_unflatten(list(wl), wspec), T.tree_unflatten(list(ll), lspec)
-        return _scalar(batch_loss(p, h, batch), "batch_loss")
+        return scalar(batch_loss(p, h, batch), "batch_loss")
 
     grad_w = grad(loss)
     prox_leaves = _map_leaves(prox, wspec, lspec, "prox")
@@ -314,11 +325,11 @@ def nsid(
             f"bilevel.hypergrad(fixed_point=...). Got {type(fixed_point).__name__}."
         )
     _check_count(steps, "steps")
-    w, wspec, lam, lspec = _prepare_pair(params, hparams, "params")
+    w, wspec, lam, lspec = prepare_pair(params, hparams, "params")
     stream = as_stream(batches)
 
     f = _tree_fn(outer_loss, wspec, lspec)
-    fval, f_vjp = vjp(lambda wl, ll: _scalar(f(wl, ll), "outer_loss"), w, lam)
+    fval, f_vjp = vjp(lambda wl, ll: scalar(f(wl, ll), "outer_loss"), w, lam)
     gw, gl = f_vjp(torch.ones_like(fval))
     check_finite(gw, "∇_w outer_loss")
 
@@ -366,7 +377,7 @@ def nsid(
     g_u, g_lam = outer_vjp(v)
     hg = T.add(T.add(gl, list(g_lam)), list(inner_lam_vjp(list(g_u))[0]))
     check_finite(hg, "the hypergradient")
-    _check_reached(hg, lspec, lambda: _unused(f, fixed_point, w, lam, wspec, lspec, mean_batch))
+    check_reached(hg, lspec, lambda: _unused(f, fixed_point, w, lam, wspec, lspec, mean_batch))
     out = T.tree_unflatten([t.detach() for t in hg], lspec)
     if not return_info:
         return out
@@ -374,8 +385,8 @@ def nsid(
         steps,
         stream.samples - samples0,
         q,
-        _item(T.norm(T.sub(phi_bar, w))),
-        _item(fval),
+        item(T.norm(T.sub(phi_bar, w))),
+        item(fval),
         T.tree_unflatten([t.detach() for t in v], wspec),
     )
     return out, info

@@ -40,8 +40,9 @@ from typing import Any
 import torch
 
 from bilevel import _tree as T
-from bilevel.ift import _leaves, _scalar, hypergrad
-from bilevel.linear_solve import CG, FixedPoint, Solver, _item, check_solver
+from bilevel._checks import item, leaves, scalar
+from bilevel.ift import hypergrad
+from bilevel.linear_solve import CG, FixedPoint, Solver, check_solver
 from bilevel.stochastic import (
     BatchStream,
     StepSize,
@@ -146,8 +147,8 @@ def _project(projection: Callable[[Any], Any] | None, hparams: Any) -> Any:
 
 
 def _start(hparams: Any, params0: Any, projection: Any) -> Any:
-    _leaves(hparams, "hparams")
-    _leaves(params0, "params0")
+    leaves(hparams, "hparams")
+    leaves(params0, "params0")
     return _project(projection, T.tree_map(lambda t: t.detach().clone(), hparams))
 
 
@@ -255,7 +256,7 @@ class StochasticBilevel(_Loop):
         )
         lam = _descend(state.hparams, hg, as_step_size(self.lr, "lr"), state.step, self.projection)
         total = state.samples + info.samples
-        out = OuterInfo(state.step, _item(T.norm(T.tree_flatten(hg)[0])), float(info.inner_residual),
+        out = OuterInfo(state.step, item(T.norm(T.tree_flatten(hg)[0])), float(info.inner_residual),
                         float(info.linear_residual), float(info.outer_loss), info.samples, total)
         return replace(state, hparams=lam, params=info.params, v=info.v, step=state.step + 1, samples=total), out
 
@@ -267,7 +268,7 @@ def _deterministic_inner(
 ) -> Callable[[Any, Any], Any]:
     """The full-batch inner step ``w + η(Φ(w, λ) − w)`` (or ``w − η ∇_w g(w, λ)``)."""
     if inner_loss is not None:
-        grad_w = torch.func.grad(lambda w, lam: _scalar(inner_loss(w, lam), "inner_loss"))
+        grad_w = torch.func.grad(lambda w, lam: scalar(inner_loss(w, lam), "inner_loss"))
         return lambda w, lam: T.tree_map(lambda a, b: a - eta * b, w, grad_w(w, lam))
     if eta == 1.0:
         return fixed_point  # type: ignore[return-value]
@@ -315,7 +316,7 @@ class AIDBilevel(_DeterministicLoop):
         lam = _descend(state.hparams, hg, as_step_size(self.lr, "lr"), state.step, self.projection)
         used = self.data_size * (self.inner_steps + hinfo.iterations + 2)  # + ∇f and the λ-part
         total = state.samples + used
-        out = OuterInfo(state.step, _item(T.norm(T.tree_flatten(hg)[0])), float(hinfo.inner_residual),
+        out = OuterInfo(state.step, item(T.norm(T.tree_flatten(hg)[0])), float(hinfo.inner_residual),
                         float(hinfo.residual), float(hinfo.outer_loss), used, total)
         return replace(state, hparams=lam, params=w, v=hinfo.v, step=state.step + 1, samples=total), out
 
@@ -371,7 +372,7 @@ class ITDBilevel(_DeterministicLoop):
         with torch.enable_grad():
             lam = T.tree_unflatten(lam_leaves, lspec)
             w_t = unroll(inner, w0, lam, self.inner_steps, truncate=self.truncate)
-            loss = _scalar(self.outer_loss(w_t, lam), "outer_loss")
+            loss = scalar(self.outer_loss(w_t, lam), "outer_loss")
             grads = torch.autograd.grad(loss, lam_leaves, allow_unused=True)
         hg = [torch.zeros_like(x) if g is None else g.detach() for g, x in zip(grads, lam_leaves)]
         w_leaves = [t.detach() for t in T.tree_flatten(w_t)[0]]
@@ -387,5 +388,5 @@ class ITDBilevel(_DeterministicLoop):
                            self.projection)
         used = self.data_size * (2 * self.inner_steps + 2)  # forward + backward through the unroll
         total = state.samples + used
-        out = OuterInfo(state.step, _item(T.norm(hg)), _item(res), math.nan, _item(loss.detach()), used, total)
+        out = OuterInfo(state.step, item(T.norm(hg)), item(res), math.nan, item(loss.detach()), used, total)
         return replace(state, hparams=new_lam, params=w_det, v=None, step=state.step + 1, samples=total), out

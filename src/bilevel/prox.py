@@ -36,7 +36,7 @@ import torch
 from torch.func import grad, jvp
 
 from bilevel import _tree as T
-from bilevel.ift import _scalar
+from bilevel._checks import scalar
 
 __all__ = [
     "soft_threshold",
@@ -232,7 +232,7 @@ class ProximalGradient:
         if self.smooth_grad is not None:
             return self.smooth_grad(params, hparams)
         loss = self.smooth_loss
-        return grad(lambda p: _scalar(loss(p, hparams), "smooth_loss"))(params)  # type: ignore[misc]
+        return grad(lambda p: scalar(loss(p, hparams), "smooth_loss"))(params)  # type: ignore[misc]
 
     def __call__(self, params: Any, hparams: Any) -> Any:
         g = self.gradient(params, hparams)

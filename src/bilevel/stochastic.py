@@ -56,8 +56,16 @@ import torch
 from torch.func import grad, vjp
 
 from bilevel import _tree as T
-from bilevel.ift import _check_shaped_like, _prepare_pair, _scalar, implicit_operator
-from bilevel.linear_solve import _DIVERGENCE_FACTOR, NotContractionError, SolverError, _item
+from bilevel._checks import (
+    DIVERGENCE_FACTOR,
+    NotContractionError,
+    SolverError,
+    check_shaped_like,
+    item,
+    prepare_pair,
+    scalar,
+)
+from bilevel.ift import implicit_operator
 
 __all__ = [
     "ConstantStep",
@@ -291,7 +299,7 @@ def _inner_update(
 
         def g(wl: Leaves, ll: Leaves, batch: Any) -> torch.Tensor:
             out = inner_loss(T.tree_unflatten(list(wl), wspec), T.tree_unflatten(list(ll), lspec), batch)
-            return _scalar(out, "inner_loss")
+            return scalar(out, "inner_loss")
 
         grad_w = grad(g)
 
@@ -303,7 +311,7 @@ def _inner_update(
     def residual(w: Leaves, lam: Leaves, batch: Any) -> Leaves:
         out = fixed_point(T.tree_unflatten(list(w), wspec), T.tree_unflatten(list(lam), lspec), batch)
         leaves, ospec = T.tree_flatten(out)
-        _check_shaped_like(leaves, ospec, w, wspec, "fixed_point(params, hparams, batch)")
+        check_shaped_like(leaves, ospec, w, wspec, "fixed_point(params, hparams, batch)")
         return T.sub(leaves, w)
 
     return residual
@@ -337,12 +345,12 @@ def _check_diverged(x: Leaves, first: Any, last: Any, what: str) -> None:
     """One host sync at the end of a loop: NaN/Inf or a residual grown by 1e6 is divergence."""
     try:
         finite = all(bool(torch.isfinite(t).all()) for t in x)
-        grown = bool(last > _DIVERGENCE_FACTOR * torch.clamp(first, min=torch.finfo(first.dtype).tiny))
+        grown = bool(last > DIVERGENCE_FACTOR * torch.clamp(first, min=torch.finfo(first.dtype).tiny))
     except RuntimeError:  # batched under vmap
         return
     if not finite or grown or not bool(torch.isfinite(last)):
         raise NotContractionError(
-            f"{what} diverged (the step grew from {_item(first):.3g} to {_item(last):.3g}"
+            f"{what} diverged (the step grew from {item(first):.3g} to {item(last):.3g}"
             f"{'' if finite else ', NaN/Inf in the iterate'}): the averaged map is not a "
             "contraction at this step size. Use a smaller ConstantStep/DecreasingStep (for an "
             "inner_loss the step must be < 2/L), or check that the map is a contraction."
@@ -373,7 +381,7 @@ def stochastic_fixed_point(
     _one_form(inner_loss, fixed_point)
     _check_steps(steps=(steps, 0))
     eta = as_step_size(step_size, "step_size")
-    w, wspec, lam, lspec = _prepare_pair(params0, hparams, "params0")
+    w, wspec, lam, lspec = prepare_pair(params0, hparams, "params0")
     name = "inner_loss" if inner_loss is not None else "fixed_point"
     w = _run_inner(_inner_update(fixed_point, inner_loss, wspec, lspec), w, lam, wspec, as_stream(batches), steps,
                    eta, name)
@@ -423,7 +431,7 @@ def sid(
     _check_steps(inner_steps=(inner_steps, 0), linear_steps=(linear_steps, 1), hparam_batches=(hparam_batches, 1))
     eta_w = as_step_size(inner_step_size, "inner_step_size")
     eta_v = as_step_size(linear_step_size, "linear_step_size")
-    w, wspec, lam, lspec = _prepare_pair(params0, hparams, "params0")
+    w, wspec, lam, lspec = prepare_pair(params0, hparams, "params0")
     inner = as_stream(batches)
     outer = inner if outer_batches is None else as_stream(outer_batches)
     start = inner.samples + (outer.samples if outer is not inner else 0)
@@ -436,7 +444,7 @@ def sid(
     def f_at(batch: Any) -> Callable[[Leaves, Leaves], torch.Tensor]:
         def f(wl: Leaves, ll: Leaves) -> torch.Tensor:
             out = outer_loss(T.tree_unflatten(list(wl), wspec), T.tree_unflatten(list(ll), lspec), batch)
-            return _scalar(out, "outer_loss")
+            return scalar(out, "outer_loss")
 
         return f
 
@@ -499,9 +507,9 @@ def sid(
     info = SIDInfo(
         params=w_tree,
         v=T.tree_unflatten([t.detach() for t in v], wspec),
-        inner_residual=_item(inner_res / linear_steps),
-        linear_residual=_item(lin),
-        outer_loss=_item(fsum / hparam_batches),
+        inner_residual=item(inner_res / linear_steps),
+        linear_residual=item(lin),
+        outer_loss=item(fsum / hparam_batches),
         samples=used,
     )
     return out, info

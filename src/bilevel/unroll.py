@@ -19,7 +19,7 @@ import torch
 from torch.func import jvp, vjp, vmap
 
 from bilevel import _tree as T
-from bilevel.ift import _check_autograd, _check_input_finite, _check_shaped_like, _leaves, _scalar
+from bilevel._checks import check_autograd, check_input_finite, check_shaped_like, leaves, scalar
 
 __all__ = ["unroll", "forward_hypergrad"]
 
@@ -35,7 +35,7 @@ def _check_steps(steps: int, truncate: int | None) -> None:
         raise ValueError(f"truncate should be None or an int in [0, steps={steps}], not {truncate!r}.")
 
 
-def _step_leaves(step: Callable[..., Any], wspec: Any, lspec: Any, indexed: bool):
+def _stepleaves(step: Callable[..., Any], wspec: Any, lspec: Any, indexed: bool):
     """step as a function of leaves, checking the output structure once."""
     checked = [False]
 
@@ -43,7 +43,7 @@ def _step_leaves(step: Callable[..., Any], wspec: Any, lspec: Any, indexed: bool
         args = (T.tree_unflatten(list(w), wspec), T.tree_unflatten(list(lam), lspec))
         out, ospec = T.tree_flatten(step(*args, t) if indexed else step(*args))
         if not checked[0]:
-            _check_shaped_like(out, ospec, w, wspec, "step(params, hparams)")
+            check_shaped_like(out, ospec, w, wspec, "step(params, hparams)")
             checked[0] = True
         return out
 
@@ -136,10 +136,10 @@ def unroll(
     ``indexed=True`` the step is called as ``step(w_t, hparams, t)`` (schedules).
     """
     _check_steps(steps, truncate)
-    _check_autograd("unroll")
-    w, wspec = _leaves(params0, "params0")
-    lam, lspec = _leaves(hparams, "hparams")
-    fn = _step_leaves(step, wspec, lspec, indexed)
+    check_autograd("unroll")
+    w, wspec = leaves(params0, "params0")
+    lam, lspec = leaves(hparams, "hparams")
+    fn = _stepleaves(step, wspec, lspec, indexed)
     start = 0
     if truncate is not None:
         start = steps - truncate
@@ -176,13 +176,13 @@ def forward_hypergrad(
     through :func:`unroll`; memory O(|w|·|λ|) independent of T, so use it when λ is small.
     """
     _check_steps(steps, None)
-    _check_autograd("forward_hypergrad")
-    w, wspec = _leaves(params0, "params0")
-    lam, lspec = _leaves(hparams, "hparams")
+    check_autograd("forward_hypergrad")
+    w, wspec = leaves(params0, "params0")
+    lam, lspec = leaves(hparams, "hparams")
     w = [t.detach() for t in w]
     lam = [t.detach() for t in lam]
-    _check_input_finite(lam, "hparams")
-    fn = _step_leaves(step, wspec, lspec, indexed)
+    check_input_finite(lam, "hparams")
+    fn = _stepleaves(step, wspec, lspec, indexed)
     sizes = [t.numel() for t in lam]
     m = sum(sizes)
     eye = torch.eye(m, dtype=lam[0].dtype, device=lam[0].device)
@@ -195,7 +195,7 @@ def forward_hypergrad(
 
         w_b, z = vmap(tangent)(z, e_lam)
         w = [x[0] for x in w_b]
-    f = lambda wl, ll: _scalar(  # noqa: E731
+    f = lambda wl, ll: scalar(  # noqa: E731
         outer_loss(T.tree_unflatten(list(wl), wspec), T.tree_unflatten(list(ll), lspec)),
         "outer_loss",
     )

@@ -1,0 +1,302 @@
+"""The trust policy, in one place: every public entry point checks and reports through here.
+
+* structural misuse (types, shapes, pytree structure, option values) → an eager
+  ``ValueError`` / ``TypeError`` that names the fix;
+* a problem that makes the answer meaningless (NaN/Inf, divergence, a singular or
+  inconsistent system, wrong curvature) → a :class:`SolverError` subclass;
+* a result that did not meet its tolerance → a :class:`ConvergenceWarning` that gives the
+  residual reached and what to change (``warnings.simplefilter("error",
+  bilevel.ConvergenceWarning)`` turns it into an error).
+
+Checks that need data also run under ``torch.func`` transforms: :func:`values` reads the
+data behind a vmap-batched (or grad-wrapped) tensor, so a batch of tasks is checked row by
+row exactly as a loop over the tasks would be, never skipped.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+try:  # private functorch hooks: which transforms are active, and the data behind a wrapper
+    from torch._C import _functorch as _ft
+    from torch._C._functorch import peek_interpreter_stack as _peek_interpreter_stack
+except ImportError:  # pragma: no cover
+    _ft = None
+    _peek_interpreter_stack = None
+
+from bilevel import _tree as T
+
+Leaves = list[torch.Tensor]
+
+# Residual growth (relative to the start) at which an iteration is declared divergent at
+# once.  Non-normal contractions can grow transiently, so this is generous; slower
+# divergence is caught at exit from the trend of the residuals (:func:`trend`).
+DIVERGENCE_FACTOR = 1e6
+
+
+class SolverError(RuntimeError):
+    """A solve failed numerically (NaN/Inf, breakdown, wrong curvature): the answer would be meaningless."""
+
+
+class NotContractionError(SolverError):
+    """A fixed-point (Richardson / Neumann / stochastic) iteration diverged or stagnated:
+    its map is not a contraction."""
+
+
+class SingularSystemError(SolverError):
+    """The linear system is singular and inconsistent (e.g. a parameter the inner loss ignores
+    but the outer loss uses): no solution exists, so there is no hypergradient."""
+
+
+class ConvergenceWarning(UserWarning):
+    """An iterative solve stopped before reaching its tolerance; the message gives the residual."""
+
+
+# ----------------------------------------------------------------------------- transforms
+
+
+def no_transform() -> bool:
+    """True when no torch.func transform (vmap, grad, jvp) is active."""
+    return _peek_interpreter_stack is not None and _peek_interpreter_stack() is None
+
+
+def active_transforms() -> set[str]:
+    """Names of the active torch.func transforms (``"Vmap"``, ``"Grad"``, ``"Jvp"``, ...)."""
+    if _peek_interpreter_stack is None:
+        return set()
+    names = set()
+    stack = _ft.get_interpreter_stack() if hasattr(_ft, "get_interpreter_stack") else None
+    if stack is not None:
+        for interp in stack:
+            names.add(str(interp.key()).split(".")[-1])
+        return names
+    top = _peek_interpreter_stack()
+    return set() if top is None else {str(top.key()).split(".")[-1]}
+
+
+def values(t: torch.Tensor) -> torch.Tensor:
+    """The plain tensor behind ``t``: under ``vmap`` all rows of the batch (the batch
+    dimensions somewhere in the shape), under ``grad``/``jvp`` the primal value.  For
+    reading only (reductions: any, all, max), never for computing a result."""
+    if _ft is None:
+        return t
+    while _ft.is_functorch_wrapped_tensor(t) or _ft.is_batchedtensor(t):
+        t = _ft.get_unwrapped(t)
+    return t
+
+
+def item(t: torch.Tensor) -> Any:
+    """``t.item()``, or ``t`` itself when it is batched by ``vmap`` (a per-row field)."""
+    try:
+        return t.item()
+    except RuntimeError:
+        return t
+
+
+def worst(t: torch.Tensor) -> float:
+    """The largest value of ``t`` over every vmap row, as a float (NaN if any row is NaN)."""
+    v = values(t).detach()
+    return float(v.max()) if not torch.isnan(v).any() else math.nan
+
+
+def is_batched(t: torch.Tensor) -> bool:
+    return _ft is not None and values(t).shape != t.shape
+
+
+# ----------------------------------------------------------------------------- options
+
+
+def check_count(name: str, value: Any, least: int = 0) -> int:
+    """An int option (never a bool: ``True`` is not a count)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise ValueError(f"{name} should be an int >= {least}, not {value!r}.")
+    return value
+
+
+def check_tol(name: str, value: Any) -> float:
+    """A tolerance: a finite real >= 0 (never a bool: ``tol=True`` would read as 1)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value >= 0 and math.isfinite(value)):
+        raise ValueError(f"{name} should be a finite float >= 0, not {value!r}.")
+    return float(value)
+
+
+def check_positive(name: str, value: Any) -> float:
+    """A step size or scale: a finite real > 0 (never a bool)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"{name} should be a finite float > 0, not {value!r}.")
+    return float(value)
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def check_autograd(name: str) -> None:
+    """Refuse to run under torch.inference_mode(): there autograd records nothing, and every
+    derivative would silently come out as zero."""
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            f"{name} differentiates with autograd, which torch.inference_mode() switches off "
+            "(the result would be zeros). Call it outside inference_mode; torch.no_grad() is fine."
+        )
+
+
+def leaves(tree: Any, name: str) -> tuple[Leaves, Any]:
+    """Leaves and spec of a pytree of floating tensors (inference tensors are cloned into
+    normal ones: autograd cannot record them)."""
+    out, spec = T.tree_flatten(tree)
+    if not out:
+        raise ValueError(f"{name} is empty: it should be a tensor or a pytree of tensors.")
+    for t in out:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(
+                f"{name} should be a tensor or a pytree (tuple/list/dict) of tensors; it "
+                f"holds a {type(t).__name__}. Convert it with torch.as_tensor(...)."
+            )
+        if not t.is_floating_point():
+            raise TypeError(
+                f"{name} should hold floating-point tensors, not {t.dtype}: "
+                f"use .to(torch.float64) (or float32)."
+            )
+    if any(t.is_inference() for t in out):
+        out = [t.clone() if t.is_inference() else t for t in out]
+    return out, spec
+
+
+def leaves_pair(params: Any, hparams: Any, pname: str) -> tuple[tuple[Leaves, Any], tuple[Leaves, Any]]:
+    """Leaves and specs of ``params`` and ``hparams``, which must share one float dtype."""
+    w, wspec = leaves(params, pname)
+    lam, lspec = leaves(hparams, "hparams")
+    dtypes = {t.dtype for t in w + lam}
+    if len(dtypes) > 1:
+        raise TypeError(
+            f"{pname} and hparams should share one dtype, got {sorted(map(str, dtypes))}: "
+            "cast them with .to(torch.float64) (or float32)."
+        )
+    return (w, wspec), (lam, lspec)
+
+
+def prepare_pair(params: Any, hparams: Any, pname: str) -> tuple[Leaves, Any, Leaves, Any]:
+    """Detached, finite leaves (and specs) of ``params`` and ``hparams`` of one dtype."""
+    check_autograd("this solver")
+    (w, wspec), (lam, lspec) = leaves_pair(params, hparams, pname)
+    w = [t.detach() for t in w]
+    lam = [t.detach() for t in lam]
+    check_input_finite(w, pname)
+    check_input_finite(lam, "hparams")
+    return w, wspec, lam, lspec
+
+
+def check_shaped_like(out: Leaves, ospec: Any, w: Leaves, wspec: Any, what: str, like: str = "params") -> None:
+    """Raise unless ``out`` (leaves, spec) has the structure, shapes and dtypes of ``w``."""
+    if ospec != wspec or any(
+        not isinstance(o, torch.Tensor) or o.shape != x.shape or o.dtype != x.dtype for o, x in zip(out, w)
+    ):
+        raise ValueError(
+            f"{what} should return a pytree with the structure and shapes of {like} "
+            f"({T.describe(T.tree_unflatten(list(w), wspec))}) and its dtype, "
+            f"got {T.describe(T.tree_unflatten(list(out), ospec))}."
+        )
+
+
+def all_finite(leaves_: Sequence[torch.Tensor]) -> bool:
+    """Every entry of every leaf finite, every vmap row included."""
+    return all(bool(torch.isfinite(values(t)).all()) for t in leaves_)
+
+
+def check_input_finite(leaves_: Sequence[torch.Tensor], name: str) -> None:
+    if not all_finite(leaves_):
+        raise ValueError(f"{name} contains NaN or Inf; the hypergradient would be meaningless.")
+
+
+def check_finite(leaves_: Sequence[torch.Tensor], what: str) -> None:
+    """Raise :class:`SolverError` if any leaf (any vmap row) holds NaN/Inf."""
+    if not all_finite(leaves_):
+        raise SolverError(
+            f"NaN or Inf in {what}. Check the inputs and the losses for NaN/Inf, "
+            f"and that the linear system is well posed (a contraction / positive definite)."
+        )
+
+
+def scalar(value: Any, name: str) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor) or value.numel() != 1:
+        shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+        raise ValueError(
+            f"{name} should return a scalar tensor, got {shape}. Reduce it, e.g. with "
+            f".mean() or .sum()."
+        )
+    return value.reshape(())
+
+
+def check_batch(batch: Any, where: str) -> None:
+    """Refuse a batch with 0 rows: a mean over nothing has zero gradient, so the estimate
+    would silently be zero or biased."""
+    for t in T.tree_flatten(batch)[0]:
+        if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == 0:
+            raise ValueError(
+                f"{where}: a batch has 0 rows ({T.describe(batch)}); a loss averaged over no "
+                "samples has zero gradient. Drop empty batches (DataLoader(drop_last=True)) "
+                "or check how the data is split."
+            )
+
+
+# ----------------------------------------------------------------------------- results
+
+
+def leaf_paths(spec: Any) -> list[str]:
+    n = spec.num_leaves
+    try:
+        from torch.utils._pytree import keystr, tree_flatten_with_path
+
+        dummy = T.tree_unflatten(list(range(n)), spec)
+        return [keystr(p) or "hparams" for p, _ in tree_flatten_with_path(dummy)[0]]
+    except Exception:
+        return [f"#{i}" for i in range(n)]
+
+
+def check_reached(hg: Leaves, lspec: Any, find_unused: Callable[[], list[int]]) -> None:
+    """Raise if an all-zero hypergradient leaf comes from an hparam that reaches nothing."""
+    zero = [i for i, t in enumerate(hg) if not bool(values(t).any())]
+    if not zero:
+        return
+    unused = [i for i in find_unused() if i in zero]
+    if unused:
+        paths = leaf_paths(lspec)
+        names = ", ".join(paths[i] for i in unused)
+        raise ValueError(
+            f"hparams leaf {names} reaches neither outer_loss nor the inner problem's "
+            "solution (inner_loss gradient / fixed_point), so its hypergradient is zero for "
+            "a structural reason. Remove it from hparams, or check that your losses use it."
+        )
+
+
+def trend(history: Sequence[float]) -> float:
+    """Average growth factor per iteration of a residual history over its second half
+    (> 1: growing, = 1: stagnating, < 1: contracting)."""
+    h = [x for x in history if x > 0 and math.isfinite(x)]
+    if len(h) < 4:
+        return 0.0
+    mid = len(h) // 2
+    return (h[-1] / h[mid]) ** (1.0 / (len(h) - 1 - mid))
+
+
+def warn_unconverged(where: str, solver: str, iterations: int, residual: Any, tol: float, fix: str) -> None:
+    """The one :class:`ConvergenceWarning` for a solve that stopped above its tolerance."""
+    warnings.warn(
+        f"{where}: {solver} stopped after {iterations} iterations with relative residual "
+        f"{worst(residual) if isinstance(residual, torch.Tensor) else residual:.2e} > tol {tol:.1e}; "
+        f"the result is approximate. {fix}",
+        ConvergenceWarning,
+        stacklevel=3,
+    )
+
+
+def converged_all(converged: Any) -> bool:
+    """``converged`` (a bool, or a per-row tensor under vmap) holds for every row."""
+    if isinstance(converged, torch.Tensor):
+        return bool(values(converged).all())
+    return bool(converged)
