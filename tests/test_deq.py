@@ -53,16 +53,16 @@ def test_batched_equals_one_problem_at_a_time_and_pytrees():
 
 
 def test_forward_solvers_under_vmap_equal_the_loop():
-    # under vmap the stopping test cannot look at the data: maxiter evaluations, same answer
+    # under vmap the stopping test reads every row: it stops at tol like the loop
     A, c, exact = _linear_map(seed=2)
     for solver in (bl.Anderson(tol=1e-12, maxiter=80), bl.Picard(tol=1e-12, maxiter=1500)):
         def one(ci, solver=solver):
             return bl.fixed_point_solve(lambda z: A @ z + ci, torch.zeros_like(ci), solver)[0]
 
         batched, looped = torch.func.vmap(one)(c), torch.stack([one(ci) for ci in c])
-        # the loop stops at tol (error ≈ cond(I − A)·tol ≈ 2e-11), vmap iterates to maxiter
+        # both stop at tol (error ≈ cond(I − A)·tol ≈ 2e-11)
         assert ((batched - looped).norm() / looped.norm()) < 1e-9
-        assert ((batched - exact).norm() / exact.norm()) < 1e-12
+        assert ((batched - exact).norm() / exact.norm()) < 1e-9
 
 
 def test_fixed_point_solve_bad_input():

@@ -134,9 +134,10 @@ def test_logistic_tasks_with_a_fixed_newton_solver():
 @pytest.mark.parametrize("solver", [bl.CG(maxiter=40), bl.MINRES(maxiter=40), bl.GMRES(maxiter=40, restart=7),
                                     bl.FixedPoint(maxiter=100, step=0.35, tol=1e-13), bl.NormalCG(maxiter=40)],
                          ids=lambda s: type(s).__name__)
-def test_solvers_run_maxiter_guarded_iterations_under_vmap(solver):
-    # under vmap the stopping test cannot look at the data: exactly maxiter matvecs, and the
-    # iterations past convergence change nothing (no NaN from 0/0 in a converged Krylov step)
+def test_solvers_stop_when_every_row_converged_under_vmap(solver):
+    # under vmap the stopping test reads every row: the loop stops once all tasks have
+    # converged (well before maxiter), and rows that converged early stop changing (no NaN
+    # from 0/0 in a converged Krylov step)
     g = torch.Generator().manual_seed(3)
     M = torch.randn(B, D, D, generator=g, dtype=F64)
     A = M @ M.transpose(1, 2) / D + torch.eye(D, dtype=F64)
@@ -158,7 +159,9 @@ def test_solvers_run_maxiter_guarded_iterations_under_vmap(solver):
     assert _rel(batched, torch.linalg.solve(A, b)) <= 1e-10
     assert _rel(batched, looped) <= 1e-10
     per_iteration = 2 if isinstance(solver, bl.NormalCG) else 1  # matvec and rmatvec
-    assert len(calls) >= solver.maxiter * per_iteration > loop_calls / B
+    # at most the slowest task's count (+ the exit residual), far below maxiter
+    assert len(calls) < solver.maxiter * per_iteration
+    assert len(calls) <= loop_calls
 
 
 @pytest.mark.parametrize("solver", [bl.CG(maxiter=D, tol=0), bl.FixedPoint(maxiter=200, step=0.3, tol=0),

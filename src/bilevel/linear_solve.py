@@ -30,8 +30,11 @@ from bilevel._checks import (
     check_finite,
     check_positive,
     check_tol,
+    is_batched,
     item,
     no_transform,
+    values,
+    worst,
 )
 
 __all__ = [
@@ -182,36 +185,53 @@ MatVec = Callable[[Leaves], Leaves]
 
 
 class _Monitor:
-    """Decides when to look at the residual (host sync) and whether it is small enough."""
+    """Decides when to look at the residual (a host sync) and whether it is small enough.
+
+    Under ``vmap`` the residual is batched: :func:`~bilevel._checks.values` reads every row,
+    so the loop stops once *every* task has converged, and :meth:`active` freezes the rows
+    that have (their iterate stops changing while the others go on)."""
 
     def __init__(self, like: torch.Tensor, bnorm: torch.Tensor, tol: float):
         self.every = 1 if like.device.type == "cpu" else _CHECK_EVERY_ACCEL
         self.thresh = tol * bnorm
         self.tol = tol
-        self.batched = False
+        self.batched = is_batched(bnorm)
 
     def done(self, k: int, res: torch.Tensor) -> bool:
-        if self.batched or (k % self.every):
+        if (k % self.every) or self.tol == 0:
             return False
-        try:  # also with tol == 0: the solvers' other checks need to know about vmap
-            small = bool(res <= self.thresh)
-        except RuntimeError:  # data-dependent control flow under vmap: run to maxiter
-            self.batched = True
-            return False
-        return small and self.tol != 0
+        return bool(values(res <= self.thresh).all())
+
+    def freeze(self, res: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+        """``coef`` where the row is still above tolerance, 0 where it has converged
+        (only under vmap: unbatched, the loop stops instead)."""
+        if not self.batched:
+            return coef
+        return torch.where(res > self.thresh, coef, torch.zeros_like(coef))
 
 
 _CG_CURVATURE = (
     "CG met non-positive curvature <p, A p> <= 0: A is not positive definite "
     "(for an inner_loss: its Hessian at params; are params a minimiser?). "
-    "Use MINRES() for a symmetric indefinite A, GMRES() otherwise."
+    "Use MINRES() for a symmetric indefinite A, GMRES() otherwise, or damp the system."
 )
 
+_SINGULAR = (
+    "{name}: the linear system is singular and inconsistent (relative residual {res:.2e} "
+    "cannot be reduced: the Krylov space is exhausted). For a hypergradient this happens when "
+    "a parameter reaches the outer loss but not the inner problem (a dead unit, a weight the "
+    "inner loss ignores): its row of A is zero. Regularise the inner problem in every "
+    "parameter (e.g. a small L2 term), or remove such parameters from params."
+)
 
 _PRECOND_NOT_SPD = (
     "CG: <r, M r> <= 0 for the preconditioner M: it is not positive definite. Pass an "
     "SPD approximation of A⁻¹ as precond (e.g. lbfgs's info.inverse_hessian), or none."
 )
+
+# relative size below which a Krylov quantity (<p, A p>, a new Arnoldi / Lanczos vector) is
+# rounding noise: the Krylov space is exhausted (breakdown)
+_BREAKDOWN = 1e3
 
 
 def _safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
@@ -219,10 +239,13 @@ def _safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     return torch.where(den != 0, num / torch.where(den != 0, den, torch.ones_like(den)), 0 * num)
 
 
-def _richardson(
-    matvec: MatVec, b: Leaves, x: Leaves | None, step: float, maxiter: int, tol: float, name: str
-) -> tuple[Leaves, int, torch.Tensor]:
-    """x ← x + step·(b − A x); from x = 0 this sums the Neumann series."""
+def _relative(res: torch.Tensor, bnorm: torch.Tensor) -> torch.Tensor:
+    return res / torch.where(bnorm > 0, bnorm, torch.ones_like(bnorm))
+
+
+def _richardson(matvec: MatVec, b: Leaves, x: Leaves | None, step: float, maxiter: int, tol: float, name: str):
+    """x ← x + step·(b − A x); from x = 0 this sums the Neumann series.  Its residual
+    ``b − A x`` is computed, not recurred: the reported residual is the true one."""
     bnorm = T.norm(b)
     mon = _Monitor(b[0], bnorm, tol)
     if x is None:
@@ -231,23 +254,43 @@ def _richardson(
         r = T.sub(b, matvec(x))
     res = T.norm(r)
     start = torch.maximum(res, bnorm)
+    history = [res]
     k = 0
     while not mon.done(k, res) and k < maxiter:
-        x = T.axpy(step, r, x)
+        x = T.axpy(mon.freeze(res, torch.tensor(step, dtype=res.dtype)) if mon.batched else step, r, x)
         r = T.sub(b, matvec(x))
         res = T.norm(r)
+        history.append(res)
         k += 1
-        if not mon.batched and not (k % mon.every) and not bool(
-            torch.isfinite(res) & (res <= DIVERGENCE_FACTOR * start)
-        ):
-            raise NotContractionError(
-                f"{name} diverged: the residual grew from {item(start):.3g} to "
-                f"{item(res):.3g} in {k} iterations, so the iteration map is not a "
-                f"contraction (‖I − step·A‖ ≥ 1). For an inner_loss lower `step` "
-                f"(it needs step < 2/λ_max(Hessian)) or use CG(); for a fixed_point "
-                f"that is not a contraction use GMRES() or NormalCG()."
-            )
-    return x, k, res / torch.where(bnorm > 0, bnorm, torch.ones_like(bnorm))
+        if not (k % mon.every) and not bool(values(torch.isfinite(res) & (res <= DIVERGENCE_FACTOR * start)).all()):
+            _not_contraction(name, worst(start), worst(res), k, step)
+    _check_trend(name, history, mon, step)
+    return x, k, _relative(res, bnorm), None
+
+
+def _check_trend(name: str, history: list[torch.Tensor], mon: _Monitor, step: float) -> None:
+    """A slow divergence (spectral radius of I − step·A just above 1) stays far below the
+    blow-up threshold for many iterations; read it from the residuals at exit: a row that
+    missed its tolerance, ends above where it started and still grows is not contracting."""
+    if len(history) < 4:
+        return
+    h = torch.stack([values(t).detach().reshape(-1) for t in history])  # (k+1, rows)
+    mid = h.shape[0] // 2
+    last, first, half = h[-1], h[0], h[mid]
+    growing = (last > values(mon.thresh).reshape(-1)) & (last > first) & (last > half)
+    if bool(growing.any()):
+        i = int(torch.argmax(torch.where(growing, last / first.clamp(min=1e-300), 0 * last)))
+        _not_contraction(name, float(first[i]), float(last[i]), h.shape[0] - 1, step)
+
+
+def _not_contraction(name: str, start: float, end: float, k: int, step: float) -> None:
+    raise NotContractionError(
+        f"{name} diverged: the residual grew from {start:.3g} to {end:.3g} in {k} "
+        f"iterations, so the iteration map is not a contraction (spectral radius of "
+        f"I − step·A ≥ 1, step={step:g}). For an inner_loss lower `step` (it needs "
+        f"step < 2/λ_max(Hessian)) or use CG(); for a fixed_point that is not a contraction "
+        f"use GMRES() or NormalCG()."
+    )
 
 
 def _records_graph(leaves: Leaves) -> bool:
@@ -283,19 +326,22 @@ def _cg(matvec: MatVec, b: Leaves, x: Leaves | None, maxiter: int, tol: float, p
     rho = T.vdot(r, z)
     rr = rho if precond is None else T.vdot(r, r)
     p = list(z)
-    bad_curvature = torch.zeros((), dtype=torch.bool, device=b[0].device)
-    bad_precond = bad_curvature
     noise = (1e3 * torch.finfo(bnorm.dtype).eps * bnorm) ** 2
+    eps = torch.finfo(bnorm.dtype).eps
+    anorm = torch.zeros_like(bnorm)  # largest Rayleigh quotient seen: a lower bound of ‖A‖
     k = 0
     while not mon.done(k, rr.sqrt()) and k < maxiter:
         ap = matvec(p)
-        pap = T.vdot(p, ap)
+        pap, pp = T.vdot(p, ap), T.vdot(p, p)
+        anorm = torch.maximum(anorm, _safe_div(pap, pp))
         # negative curvature only counts while the residual is above rounding level: at
         # convergence <p, Ap> is rounding noise and may be <= 0 on a positive definite A
-        bad_curvature = bad_curvature | ((pap <= 0) & (rr > noise))
-        if precond is not None:
-            bad_precond = bad_precond | ((rho <= 0) & (rr > noise))
-        alpha = _safe_div(rho, pap)
+        live = rr > noise
+        if bool(values(live & (pap <= _BREAKDOWN * eps * pp * anorm)).any()):
+            _cg_failed(pap, pp, anorm, live, rr, bnorm)
+        if precond is not None and bool(values((rho <= 0) & live).any()):
+            raise SolverError(_PRECOND_NOT_SPD)
+        alpha = mon.freeze(rr.sqrt(), _safe_div(rho, pap))
         x = T.axpy(alpha, p, x)
         r = T.axpy(-alpha, ap, r)
         z = r if precond is None else precond(r)
@@ -304,9 +350,17 @@ def _cg(matvec: MatVec, b: Leaves, x: Leaves | None, maxiter: int, tol: float, p
         p = T.axpy(_safe_div(rho_new, rho), p, z)
         rho = rho_new
         k += 1
-        if not mon.batched and not (k % mon.every) and bool(bad_curvature | bad_precond):
-            raise SolverError(_PRECOND_NOT_SPD if bool(bad_precond) else _CG_CURVATURE)
-    return x, k, rr.sqrt() / torch.where(bnorm > 0, bnorm, torch.ones_like(bnorm))
+    return x, k, _relative(rr.sqrt(), bnorm), None
+
+
+def _cg_failed(pap: Any, pp: Any, anorm: Any, live: Any, rr: Any, bnorm: Any) -> None:
+    """<p, A p> ≈ 0 (singular A: SingularSystemError) or < 0 (indefinite A: SolverError)."""
+    eps = torch.finfo(torch.as_tensor(bnorm).dtype).eps
+    neg = values(torch.as_tensor(pap) < -_BREAKDOWN * eps * torch.as_tensor(pp) * torch.as_tensor(anorm))
+    if bool((neg & values(torch.as_tensor(live))).any()):
+        raise SolverError(_CG_CURVATURE)
+    res = worst(torch.as_tensor(rr).sqrt() / torch.as_tensor(bnorm))
+    raise SingularSystemError(_SINGULAR.format(name="CG", res=res))
 
 
 def _cg_host(
@@ -322,7 +376,9 @@ def _cg_host(
     rho = T.vdot(r, z).item()
     rr = rho if precond is None else T.vdot(r, r).item()
     p = list(z)
-    noise = (1e3 * torch.finfo(b[0].dtype).eps * bnorm) ** 2
+    eps = torch.finfo(b[0].dtype).eps
+    noise = (1e3 * eps * bnorm) ** 2
+    anorm = 0.0
     k = 0
     while not (tol != 0 and math.sqrt(rr) <= tol * bnorm) and k < maxiter:
         if precond is not None and rho <= 0 and rr > noise:
@@ -330,24 +386,27 @@ def _cg_host(
         ap = matvec(p)
         if k == 0 and _records_graph(ap + z + r):
             raise _GraphNeeded
-        pap = T.vdot(p, ap).item()
+        pap, pp = T.vdot(p, ap).item(), T.vdot(p, p).item()
+        anorm = max(anorm, pap / pp if pp > 0 else 0.0)
+        if rr > noise and pap <= _BREAKDOWN * eps * pp * anorm:  # rounding-level curvature does not count
+            _cg_failed(pap, pp, anorm, True, rr, bnorm)
         alpha = rho / pap if pap != 0 else 0.0
         x = T.axpy(alpha, p, x)
         r = T.axpy(-alpha, ap, r)
         z = r if precond is None else precond(r)
         rho_new = T.vdot(r, z).item()
-        rr_old, rr = rr, rho_new if precond is None else T.vdot(r, r).item()
+        rr = rho_new if precond is None else T.vdot(r, r).item()
         p = T.axpy(rho_new / rho if rho != 0 else 0.0, p, z)
         rho = rho_new
         k += 1
-        if pap <= 0 and rr_old > noise:  # see _cg: rounding-level curvature does not count
-            raise SolverError(_CG_CURVATURE)
     res = math.sqrt(rr) / bnorm if bnorm > 0 else math.sqrt(rr)
-    return x, k, torch.tensor(res, dtype=b[0].real.dtype)
+    return x, k, torch.tensor(res, dtype=b[0].real.dtype), None
 
 
 def _minres(matvec: MatVec, b: Leaves, x: Leaves | None, maxiter: int, tol: float):
-    # Paige & Saunders (1975), no preconditioner: Lanczos + QR by Givens rotations.
+    # Paige & Saunders (1975), no preconditioner: Lanczos + QR by Givens rotations.  A new
+    # Lanczos vector of rounding size means the Krylov space is exhausted (breakdown): then
+    # the iterate is final, and if its residual is not small the system is inconsistent.
     bnorm = T.norm(b)
     mon = _Monitor(b[0], bnorm, tol)
     if x is None:
@@ -360,9 +419,11 @@ def _minres(matvec: MatVec, b: Leaves, x: Leaves | None, maxiter: int, tol: floa
     oldb, dbar, epsln, phibar = zero, zero, zero, beta
     cs, sn = -torch.ones_like(beta), zero
     w, w2 = T.zeros_like(b), T.zeros_like(b)
-    tiny = torch.finfo(beta.dtype).tiny
+    eps = torch.finfo(beta.dtype).eps
+    anorm = zero
+    broke = torch.zeros((), dtype=torch.bool, device=beta.device) | (beta == 0)
     k = 0
-    while not mon.done(k, phibar.abs()) and k < maxiter:
+    while not mon.done(k, phibar.abs()) and k < maxiter and not bool(values(broke).all()):
         v = T.scale(_safe_div(torch.ones_like(beta), beta), y)
         y = matvec(v)
         if k > 0:
@@ -371,52 +432,71 @@ def _minres(matvec: MatVec, b: Leaves, x: Leaves | None, maxiter: int, tol: floa
         y = T.axpy(-_safe_div(alfa, beta), r2, y)
         r1, r2 = r2, y
         oldb, beta = beta, T.norm(y)
+        anorm = torch.maximum(anorm, torch.maximum(alfa.abs(), torch.maximum(beta, oldb)))
         oldeps = epsln
         delta = cs * dbar + sn * alfa
         gbar = sn * dbar - cs * alfa
         epsln = sn * beta
         dbar = -cs * beta
-        gamma = torch.clamp(torch.hypot(gbar, beta), min=tiny)
-        cs, sn = gbar / gamma, beta / gamma
-        phi = cs * phibar
-        phibar = sn * phibar
+        gamma = torch.hypot(gbar, beta)
+        # γ of rounding size: this direction adds nothing (A is singular on the Krylov space)
+        ok = (gamma > _BREAKDOWN * eps * anorm) & ~broke
+        gamma = torch.where(ok, gamma, torch.ones_like(gamma))
+        cs = torch.where(ok, gbar / gamma, cs)
+        sn = torch.where(ok, beta / gamma, sn)
+        phi = mon.freeze(phibar.abs(), torch.where(ok, cs * phibar, zero))
+        phibar = torch.where(ok, sn * phibar, phibar)
         w1, w2 = w2, w
-        w = T.scale(1 / gamma, T.axpy(-delta, w2, T.axpy(-oldeps, w1, v)))
+        w = T.scale(torch.where(ok, 1 / gamma, zero), T.axpy(-delta, w2, T.axpy(-oldeps, w1, v)))
         x = T.axpy(phi, w, x)
+        broke = broke | (beta <= _BREAKDOWN * eps * anorm)
         k += 1
-    return x, k, phibar.abs() / torch.where(bnorm > 0, bnorm, torch.ones_like(bnorm))
+    return x, k, _relative(phibar.abs(), bnorm), broke
 
 
 def _gmres(matvec: MatVec, b: Leaves, x: Leaves | None, maxiter: int, tol: float, restart: int):
     # Arnoldi (modified Gram–Schmidt) + Givens rotations, so |g_{j+1}| is the residual of
-    # the j-th iterate and the tolerance is checked every step, not only at restarts.
+    # the j-th iterate and the tolerance is checked every step, not only at restarts.  A new
+    # Arnoldi vector of rounding size is a breakdown (the Krylov space is invariant): the
+    # cycle's iterate is then the best the space holds, and a row that has converged (under
+    # vmap) stops adding directions, so it cannot pick up noise while the others go on.
     bnorm = T.norm(b)
     mon = _Monitor(b[0], bnorm, tol)
+    eps = torch.finfo(bnorm.dtype).eps
     if x is None:
         x, r = T.zeros_like(b), list(b)
     else:
         r = T.sub(b, matvec(x))
     res = T.norm(r)
+    broke = torch.zeros((), dtype=torch.bool, device=bnorm.device) | (res == 0)
     k = 0
-    while not mon.done(k, res) and k < maxiter:
+    while not mon.done(k, res) and k < maxiter and not bool(values(broke).all()):
         beta = res
         basis = [T.scale(_safe_div(torch.ones_like(beta), beta), r)]
         rot: list[tuple[torch.Tensor, torch.Tensor]] = []
         cols: list[list[torch.Tensor]] = []
         g = [beta]
+        live = ~broke
         for _ in range(min(restart, maxiter - k)):
             w = matvec(basis[-1])
+            wnorm = T.norm(w)
             h = []
             for v in basis:
                 hij = T.vdot(w, v)
                 w = T.axpy(-hij, v, w)
                 h.append(hij)
             hn = T.norm(w)
-            basis.append(T.scale(_safe_div(torch.ones_like(hn), hn), w))
+            # breakdown, or a row that has converged: no further direction for that row
+            live = live & (hn > _BREAKDOWN * eps * wnorm)
+            if mon.batched:
+                live = live & (res > mon.thresh)
+            hn = torch.where(live, hn, torch.zeros_like(hn))
+            basis.append(T.scale(_safe_div(live.to(hn.dtype), hn), w))
             for i, (c, s) in enumerate(rot):  # apply the previous rotations to the new column
                 h[i], h[i + 1] = c * h[i] + s * h[i + 1], -s * h[i] + c * h[i + 1]
             den = torch.hypot(h[-1], hn)
             c, s = _safe_div(h[-1], den), _safe_div(hn, den)
+            c = torch.where(den > 0, c, torch.ones_like(c))
             h[-1] = c * h[-1] + s * hn
             rot.append((c, s))
             g.append(-s * g[-1])
@@ -424,24 +504,29 @@ def _gmres(matvec: MatVec, b: Leaves, x: Leaves | None, maxiter: int, tol: float
             cols.append(h)
             k += 1
             res = g[-1].abs()
-            if mon.done(k, res):
+            if mon.done(k, res) or not bool(values(live).any()):
                 break
+        broke = broke | ~live
         m = len(cols)
         upper = torch.stack([torch.stack(c + [torch.zeros_like(beta)] * (m - len(c))) for c in cols], 1)
-        diag_ok = upper.diagonal() != 0
+        # a diagonal entry of rounding size: A is singular on this Krylov space; that
+        # direction gets no coefficient rather than a huge one
+        diag = upper.diagonal()
+        diag_ok = diag.abs() > _BREAKDOWN * eps * diag.abs().max()
         upper = upper + torch.diag(torch.where(diag_ok, 0.0, 1.0).to(upper.dtype))
-        coef = torch.linalg.solve_triangular(upper, torch.stack(g[:m]).unsqueeze(1), upper=True)[:, 0]
+        rhs = torch.where(diag_ok, torch.stack(g[:m]), 0.0)
+        coef = torch.linalg.solve_triangular(upper, rhs.unsqueeze(1), upper=True)[:, 0]
         coef = torch.where(diag_ok, coef, 0.0)
         for i in range(m):
             x = T.axpy(coef[i], basis[i], x)
-        if k < maxiter and not mon.done(k, res):
-            r = T.sub(b, matvec(x))  # restart from the true residual
-            res = T.norm(r)
-    return x, k, res / torch.where(bnorm > 0, bnorm, torch.ones_like(bnorm))
+        r = T.sub(b, matvec(x))  # restart (or finish) from the true residual
+        res = T.norm(r)
+    return x, k, _relative(res, bnorm), broke
 
 
 def _normal_cg(matvec: MatVec, rmatvec: MatVec, b: Leaves, x: Leaves | None, maxiter: int, tol: float):
-    # CGLS: CG on AᵀA x = Aᵀb that keeps r = b − A x, so the reported residual is the true one.
+    # CGLS: CG on AᵀA x = Aᵀb that keeps r = b − A x.  When Aᵀr vanishes while r does not,
+    # x is a least-squares solution of an inconsistent system (reported as a breakdown).
     bnorm = T.norm(b)
     mon = _Monitor(b[0], bnorm, tol)
     if x is None:
@@ -451,10 +536,11 @@ def _normal_cg(matvec: MatVec, rmatvec: MatVec, b: Leaves, x: Leaves | None, max
     z = rmatvec(r)
     p, zz = list(z), T.vdot(z, z)
     res = T.norm(r)
+    scale = _safe_div(zz.sqrt(), res)  # ‖Aᵀr₀‖/‖r₀‖ ≤ ‖A‖
     k = 0
     while not mon.done(k, res) and k < maxiter:
         w = matvec(p)
-        alpha = _safe_div(zz, T.vdot(w, w))
+        alpha = mon.freeze(res, _safe_div(zz, T.vdot(w, w)))
         x = T.axpy(alpha, p, x)
         r = T.axpy(-alpha, w, r)
         z = rmatvec(r)
@@ -463,7 +549,8 @@ def _normal_cg(matvec: MatVec, rmatvec: MatVec, b: Leaves, x: Leaves | None, max
         zz = zz_new
         res = T.norm(r)
         k += 1
-    return x, k, res / torch.where(bnorm > 0, bnorm, torch.ones_like(bnorm))
+    broke = zz.sqrt() <= math.sqrt(torch.finfo(bnorm.dtype).eps) * scale * res
+    return x, k, _relative(res, bnorm), broke
 
 
 def _dense(matvec: MatVec, b: Leaves):
@@ -478,11 +565,25 @@ def _dense(matvec: MatVec, b: Leaves):
         cols = [torch.stack([p[j] for p in per]) for j in range(len(b))]
     mat = torch.cat([c.reshape(n, -1) for c in cols], dim=1).T  # column i = A e_i
     bflat = torch.cat([t.reshape(-1) for t in b])
-    sol = torch.linalg.solve(mat, bflat)
-    bnorm = torch.linalg.vector_norm(bflat)
-    res = torch.linalg.vector_norm(bflat - mat @ sol) / torch.where(bnorm > 0, bnorm, torch.ones_like(bnorm))
+    try:
+        sol = torch.linalg.solve(mat, bflat)
+    except RuntimeError as err:  # torch.linalg.LinAlgError: exactly singular
+        raise SingularSystemError(_SINGULAR.format(name="Dense", res=1.0)) from err
     x = [s.reshape(t.shape) for s, t in zip(torch.split(sol, sizes), b)]
-    return x, n, res
+    # LU solves any nonsingular system to rounding: a large residual means singular
+    broke = torch.ones((), dtype=torch.bool, device=bflat.device)
+    return x, n, None, broke
+
+
+def _true_residual(matvec: MatVec, b: Leaves, x: Leaves) -> tuple[torch.Tensor, torch.Tensor]:
+    """``‖b − A x‖/‖b‖`` and the rounding floor ``64·eps·(1 + ‖A x‖/‖b‖)`` below which no
+    solver can push it (one matvec, not recorded by autograd)."""
+    with torch.no_grad():
+        ax = matvec([t.detach() for t in x])
+        bnorm = T.norm(b).detach()
+        res = _relative(T.norm(T.sub([t.detach() for t in b], ax)), bnorm)
+        floor = 64 * torch.finfo(bnorm.dtype).eps * (1 + _relative(T.norm(ax), bnorm))
+    return res, floor
 
 
 def solve_leaves(
@@ -493,32 +594,44 @@ def solve_leaves(
     rmatvec: MatVec | None = None,
     precond: MatVec | None = None,
 ) -> tuple[Leaves, SolveInfo]:
-    """:func:`solve` on flat lists of leaves (no pytree handling); the core calls this."""
+    """:func:`solve` on flat lists of leaves (no pytree handling); the core calls this.
+
+    Every solver's reported residual is the true one, ``‖b − A x‖/‖b‖`` at the returned
+    ``x`` (one extra matvec for the Krylov solvers, whose recurrences can drift from it);
+    ``converged`` means it is within ``tol`` (or at the rounding floor of the dtype).
+    A Krylov breakdown that leaves the residual large raises :class:`SingularSystemError`.
+    """
     check_solver(solver)
     name = type(solver).__name__
     if precond is not None and not isinstance(solver, CG):
         raise ValueError(f"precond is used by CG() only, not by {name}(); drop it or use CG().")
     if isinstance(solver, FixedPoint):
-        x, k, res = _richardson(matvec, b, init, solver.step, solver.maxiter, solver.tol, name)
+        x, k, res, broke = _richardson(matvec, b, init, solver.step, solver.maxiter, solver.tol, name)
     elif isinstance(solver, Neumann):
-        x, k, res = _richardson(matvec, b, None, solver.step, solver.maxiter, solver.tol, name)
+        x, k, res, broke = _richardson(matvec, b, None, solver.step, solver.maxiter, solver.tol, name)
     elif isinstance(solver, CG):
-        x, k, res = _cg(matvec, b, init, solver.maxiter, solver.tol, precond)
+        x, k, res, broke = _cg(matvec, b, init, solver.maxiter, solver.tol, precond)
     elif isinstance(solver, MINRES):
-        x, k, res = _minres(matvec, b, init, solver.maxiter, solver.tol)
+        x, k, res, broke = _minres(matvec, b, init, solver.maxiter, solver.tol)
     elif isinstance(solver, GMRES):
-        x, k, res = _gmres(matvec, b, init, solver.maxiter, solver.tol, solver.restart)
+        x, k, res, broke = _gmres(matvec, b, init, solver.maxiter, solver.tol, solver.restart)
     elif isinstance(solver, NormalCG):
         if rmatvec is None:
             raise ValueError(
                 "NormalCG needs rmatvec (y -> Aᵀy); pass rmatvec=..., or use GMRES(), "
                 "which needs only matvec."
             )
-        x, k, res = _normal_cg(matvec, rmatvec, b, init, solver.maxiter, solver.tol)
+        x, k, res, broke = _normal_cg(matvec, rmatvec, b, init, solver.maxiter, solver.tol)
     else:
-        x, k, res = _dense(matvec, b)
-    tol = getattr(solver, "tol", 1e-8)
-    converged = res <= max(tol, 1e-12) if isinstance(solver, Dense) else res <= tol
+        x, k, res, broke = _dense(matvec, b)
+    tol = getattr(solver, "tol", math.sqrt(torch.finfo(b[0].dtype).eps))
+    if not isinstance(solver, (FixedPoint, Neumann)) and k > 0:  # Richardson's residual is already true
+        res, floor = _true_residual(matvec, b, x)
+    else:
+        floor = torch.zeros_like(res)
+    converged = res <= torch.clamp(floor, min=tol)
+    if broke is not None and bool(values(broke & ~converged).any()):
+        raise SingularSystemError(_SINGULAR.format(name=name, res=worst(torch.where(converged, 0 * res, res))))
     return x, SolveInfo(name, k, item(res), item(converged))
 
 
