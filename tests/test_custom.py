@@ -311,13 +311,6 @@ def test_hypergradient_of_hypergradient_with_dense():
     assert rel_err(rows, exact) < 1e-10
 
 
-def test_forward_mode_is_refused():
-    p = ridge()
-    solve = bl.implicit(inner_loss=p.inner_loss)(_inner_solver(p))
-    with pytest.raises(NotImplementedError, match="jvp"):
-        torch.func.jvp(lambda lam: solve(p.params0, lam), (p.hparams,), (torch.ones_like(p.hparams),))
-
-
 # ----------------------------------------------------------------- bad input
 
 

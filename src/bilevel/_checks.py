@@ -300,3 +300,36 @@ def converged_all(converged: Any) -> bool:
     if isinstance(converged, torch.Tensor):
         return bool(values(converged).all())
     return bool(converged)
+
+
+def refuse_lost_gradient(what: str, why: str, lost: str, fix: str) -> None:
+    """Raise for a tensor whose derivative an operation would drop without a word:
+    ``"{what} {why}, so its {lost} would silently be zero. {fix}"``."""
+    raise ValueError(f"{what} {why}, so its {lost} would silently be zero. {fix}")
+
+
+def warn_not_solution(where: str, what: str, residual: Any, tol: float, fix: str) -> None:
+    """The one :class:`ConvergenceWarning` for a point that should solve an equation but
+    does not: ``residual`` (a float, or a per-row tensor under vmap: its worst row) above
+    ``tol``.  NaN counts as above."""
+    res = worst(residual) if isinstance(residual, torch.Tensor) else float(residual)
+    if res <= tol:
+        return
+    warnings.warn(
+        f"{where}: the inner solver's output is not a solution: {what} = {res:.2e} > "
+        f"inner_tol = {tol:.1e}; {fix}",
+        ConvergenceWarning,
+        stacklevel=3,
+    )
+
+
+
+def nested_forward_mode() -> bool:
+    """True when two or more forward-mode transforms (``torch.func.jvp`` / ``jacfwd``) are
+    active: forward over forward.  An ``autograd.Function``'s ``jvp`` rule runs with forward
+    grad off, so torch drops the outer tangent of the rule's own computation (a silently
+    zero second derivative); the tensors cannot tell whether that tangent is zero."""
+    if _ft is None or not hasattr(_ft, "get_interpreter_stack"):
+        return False
+    stack = _ft.get_interpreter_stack() or []
+    return sum(str(i.key()).endswith("Jvp") for i in stack) > 1
