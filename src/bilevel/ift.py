@@ -15,24 +15,35 @@ pieces; :func:`hypergrad` puts them together.
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch.func import grad, jvp, vjp
+from torch.utils._pytree import register_pytree_node
 
 from bilevel import _tree as T
 from bilevel._checks import (
+    ConvergenceWarning,
+    active_transforms,
     check_autograd,
+    check_converged,
     check_finite,
     check_input_finite,
     check_reached,
     check_shaped_like,
+    check_tol,
+    checked_output,
+    explain_inference,
     item,
     leaves_pair,
     no_transform,
     scalar,
+    values,
+    worst,
 )
 from bilevel.linear_solve import CG, SYMMETRIC_SOLVERS, NormalCG, Solver, check_solver, solve_leaves
 
@@ -59,6 +70,16 @@ class HypergradInfo:
     inner_residual: float | torch.Tensor
     outer_loss: float | torch.Tensor
     v: Any
+
+
+# a pytree node, so that a function under torch.func.vmap can return it (return_info=True):
+# the per-task numbers are leaves, the solver's name and iteration count are static
+register_pytree_node(
+    HypergradInfo,
+    lambda i: ([i.residual, i.converged, i.inner_residual, i.outer_loss, i.v], (i.solver, i.iterations)),
+    lambda leaves, ctx: HypergradInfo(ctx[0], ctx[1], *leaves),
+    serialized_type_name="bilevel.HypergradInfo",
+)
 
 
 @dataclass(frozen=True)
@@ -211,25 +232,30 @@ def _first(fn: Callable[[Leaves], tuple[Leaves, ...]]) -> Callable[[Leaves], Lea
     return lambda v: list(fn(v)[0])
 
 
+def _probe(like: Leaves, phase: float) -> Leaves:
+    """A fixed, generic (not random: no generator, so it also works under vmap) vector."""
+    out, offset = [], 0
+    for t in like:
+        i = torch.arange(offset, offset + t.numel(), dtype=t.dtype, device=t.device)
+        out.append(torch.sin(1.6180339887 * i + phase).reshape(t.shape))
+        offset += t.numel()
+    return out
+
+
 def _asymmetry(matvec: Callable[[Leaves], Leaves], like: Leaves) -> float:
-    """Relative size of <u, A z> − <z, A u> for two fixed random probes (2 matvecs)."""
-    gen = torch.Generator(device=like[0].device).manual_seed(0)
-
-    def probe() -> Leaves:
-        return [torch.randn(t.shape, generator=gen, dtype=t.dtype, device=t.device) for t in like]
-
-    u, z = probe(), probe()
+    """Relative size of <u, A z> − <z, A u> for two fixed probes (2 matvecs), worst vmap row."""
+    u, z = _probe(like, 0.3), _probe(like, 1.1)
     au, az = matvec(u), matvec(z)
     scale = T.norm(u) * T.norm(az) + T.norm(z) * T.norm(au)
-    return item((T.vdot(u, az) - T.vdot(z, au)).abs() / torch.clamp(scale, min=1e-300))
+    return worst((T.vdot(u, az) - T.vdot(z, au)).abs() / torch.clamp(scale, min=1e-300))
 
 
 def check_symmetric(solver: Solver, op: ImplicitOperator, like: Leaves, form: str = "fixed_point") -> None:
-    """Refuse CG/MINRES on a non-symmetric system (probed with 2 matvecs; skipped under vmap)."""
+    """Refuse CG/MINRES on a non-symmetric system (probed with 2 matvecs, every vmap row)."""
     if not isinstance(solver, SYMMETRIC_SOLVERS) or op.symmetric:
         return
     asym = _asymmetry(op.matvec, like)
-    if not isinstance(asym, torch.Tensor) and asym > torch.finfo(like[0].dtype).eps ** 0.4:
+    if not asym <= torch.finfo(like[0].dtype).eps ** 0.4:
         system = "(∂_w F)ᵀ of this root" if form == "root" else "(I − ∂_wΦ)ᵀ of this fixed_point"
         raise ValueError(
             f"{type(solver).__name__} needs a symmetric system, but {system} is not "
@@ -238,6 +264,23 @@ def check_symmetric(solver: Solver, op: ImplicitOperator, like: Leaves, form: st
         )
 
 
+# A hypergradient at params whose relative inner residual exceeds this is suspect by default:
+# ‖∇_w g(w)‖ / ‖H w‖ (optimality form) or ‖Φ(w) − w‖ / ‖w‖ (fixed-point form) estimate
+# the relative distance of w to the inner solution, and the hypergradient's error grows
+# with it (Grazzi et al., ICML 2020, Thm. 1).  Loose enough for honest early-stopped runs.
+INNER_RELATIVE_TOL = 1e-2
+
+
+def _differentiable(create_graph: bool) -> bool:
+    """The caller differentiates the hypergradient itself (a second-order hypergradient):
+    under torch.func.grad / jacrev / jvp (detaching there would silently give zeros), or with
+    plain autograd when asked by ``create_graph=True``, as for ``torch.autograd.grad``."""
+    if active_transforms() & {"Grad", "Jvp"}:
+        return True
+    return create_graph and torch.is_grad_enabled()
+
+
+@torch.compiler.disable  # called from compiled code it runs eagerly (a graph break), never mis-traced
 def hypergrad(
     outer_loss: Callable[[Any, Any], torch.Tensor],
     params: Any,
@@ -248,6 +291,8 @@ def hypergrad(
     solver: Solver = CG(),
     init: Any = None,
     precond: Callable[[Any], Any] | None = None,
+    inner_tol: float | None = None,
+    create_graph: bool = False,
     return_info: bool = False,
 ) -> Any:
     """Hypergradient ``∇F(λ)`` of ``F(λ) = f(w(λ), λ)`` by implicit differentiation (AID).
@@ -260,24 +305,62 @@ def hypergrad(
 
     ``solver`` is a value from :mod:`bilevel.linear_solve`.  ``CG``/``MINRES`` need a
     symmetric system: always so for ``inner_loss``; for a ``fixed_point`` the symmetry is
-    checked with two random probes and a non-symmetric map is refused.  ``init`` warm
+    checked with two probes and a non-symmetric map is refused.  ``init`` warm
     starts the linear solve (e.g. ``info.v`` of the previous call).  ``precond(v) ≈ A⁻¹ v``
     (SPD, on pytrees shaped like ``params``) preconditions CG, e.g. the ``inverse_hessian``
     that :func:`bilevel.lbfgs` returns for the same inner problem.
 
-    Returns a pytree shaped like ``hparams`` (detached), or ``(hypergrad, HypergradInfo)``
-    with ``return_info=True``.  Errors are raised for a non-scalar loss, mismatched
-    structures, NaN/Inf, a diverging fixed-point iteration, and an ``hparams`` leaf that
-    reaches neither loss (its hypergradient would be zero for a structural reason).
+    Returns a pytree shaped like ``hparams``, or ``(hypergrad, HypergradInfo)`` with
+    ``return_info=True`` (also under ``vmap``: the info's numbers are then per-task
+    tensors).  The result is detached, unless the caller differentiates it — under
+    ``torch.func.grad``/``jacrev``/``jvp``, or with ``create_graph=True`` (plain autograd,
+    as in ``torch.autograd.grad``) — then it is differentiable w.r.t. ``params`` and
+    ``hparams``, and its derivative is the second-order hypergradient (through the linear
+    solve: as accurate as the solve's tolerance).
+
+    Trust: warns (:class:`~bilevel.ConvergenceWarning`) when the linear solve missed its
+    tolerance, and when ``params`` are not an inner solution: ``‖∇_w g‖`` (or
+    ``‖Φ(w) − w‖``) above ``inner_tol`` if given, else a relative inner residual
+    (``‖∇_w g‖/‖H w‖``, or ``‖Φ(w) − w‖/‖w‖``) above 1e-2.  Raises for a non-scalar loss,
+    mismatched structures, NaN/Inf, a diverging fixed-point iteration, a singular system,
+    and an ``hparams`` leaf that reaches neither loss.
     """
     check_solver(solver)
     check_autograd("hypergrad")
+    if inner_tol is not None and inner_tol != math.inf:  # inf: no inner-residual warning at all
+        check_tol("hypergrad: inner_tol", inner_tol)
     (w, wspec), (lam, lspec) = leaves_pair(params, hparams, "params")
-    w = [t.detach() for t in w]
-    lam = [t.detach() for t in lam]
+    keep_graph = _differentiable(create_graph)
+    if not keep_graph:
+        w = [t.detach() for t in w]
+        lam = [t.detach() for t in lam]
     check_input_finite(w, "params")
     check_input_finite(lam, "hparams")
+    try:
+        hg, v, sinfo, op, fval = _hypergrad(outer_loss, w, lam, wspec, lspec, inner_loss, fixed_point, solver, init,
+                                            precond)
+    except RuntimeError as err:
+        raise explain_inference(err, "hypergrad") from err
+    check_converged("hypergrad", sinfo, getattr(solver, "tol", 0.0),
+                    "The hypergradient is approximate: raise the solver's maxiter, use CG() (inner_loss) "
+                    "or GMRES() (fixed_point), or pass init=info.v of the previous call.")
+    _check_inner(op, w, inner_loss is not None, inner_tol)
+    out = T.tree_unflatten(hg if keep_graph else [t.detach() for t in hg], lspec)
+    if not return_info:
+        return out
+    info = HypergradInfo(
+        sinfo.solver,
+        sinfo.iterations,
+        sinfo.residual,
+        sinfo.converged,
+        item(op.inner_residual.detach()),
+        item(fval.detach()),
+        T.tree_unflatten([t.detach() for t in v], wspec),
+    )
+    return out, info
 
+
+def _hypergrad(outer_loss, w, lam, wspec, lspec, inner_loss, fixed_point, solver, init, precond):
     f = _tree_fn(outer_loss, wspec, lspec)
     if _plain_autograd(w, lam):
         with torch.enable_grad():
@@ -295,27 +378,46 @@ def hypergrad(
     x0 = None
     if init is not None:
         x0, ispec = T.tree_flatten(init)
-        if ispec != wspec or any(a.shape != b.shape for a, b in zip(x0, w)):
-            raise ValueError(f"init should be shaped like params, got {T.describe(init)}.")
-    pc = None if precond is None else T.flat_fn(precond, wspec)
+        if ispec != wspec or any(not isinstance(a, torch.Tensor) or a.shape != b.shape for a, b in zip(x0, w)):
+            raise ValueError(f"init should be shaped like params ({T.describe(T.tree_unflatten(w, wspec))}), "
+                             f"got {T.describe(init)}.")
+    pc = None if precond is None else checked_output(T.flat_fn(precond, wspec), w, "precond")
     v, sinfo = solve_leaves(op.matvec, gw, solver, x0, op.rmatvec if isinstance(solver, NormalCG) else None, pc)
     check_finite(v, f"the linear-system solution v ({sinfo.solver}, {sinfo.iterations} iterations)")
     hg = T.add(gl, op.cross(v))
     check_finite(hg, "the hypergradient")
     check_reached(hg, lspec, lambda: _unused_hparams(f, inner_loss, fixed_point, w, lam, wspec, lspec))
-    out = T.tree_unflatten([t.detach() for t in hg], lspec)
-    if not return_info:
-        return out
-    info = HypergradInfo(
-        sinfo.solver,
-        sinfo.iterations,
-        sinfo.residual,
-        sinfo.converged,
-        item(op.inner_residual),
-        item(fval),
-        T.tree_unflatten([t.detach() for t in v], wspec),
-    )
-    return out, info
+    return hg, v, sinfo, op, fval
+
+
+def _check_inner(op: ImplicitOperator, w: Leaves, optimality: bool, inner_tol: float | None) -> None:
+    """Warn when ``params`` are clearly not an inner solution (see INNER_RELATIVE_TOL)."""
+    what = "‖∇_w inner_loss‖" if optimality else "‖fixed_point(params) − params‖"
+    res = op.inner_residual.detach()
+    if inner_tol is not None:
+        if not worst(res) <= inner_tol:
+            warnings.warn(
+                f"hypergrad: params are not an inner solution: {what} = {worst(res):.2e} > inner_tol = "
+                f"{inner_tol:.1e}, and the hypergradient assumes one. Solve the inner problem more accurately.",
+                ConvergenceWarning, stacklevel=3,
+            )
+        return
+    if not bool(values(res > 0).any()):
+        return
+    with torch.no_grad():
+        scale = T.norm(op.matvec([t.detach() for t in w])) if optimality else T.norm([t.detach() for t in w])
+        rel = worst(res / torch.clamp(scale, min=torch.finfo(res.dtype).tiny))
+    if rel > INNER_RELATIVE_TOL:
+        ref = "‖H·params‖" if optimality else "‖params‖"
+        size = (f"is {rel:.2e} of {ref} (> {INNER_RELATIVE_TOL:g})" if rel < float("inf")
+                else f"= {worst(res):.2e} while {ref} = 0")
+        warnings.warn(
+            f"hypergrad: params look far from the inner solution: {what} {size}, "
+            f"and the hypergradient assumes an exact solution, so it can be "
+            "far off. Solve the inner problem more accurately; pass inner_tol= (an absolute bound on "
+            f"{what}) to set your own threshold.",
+            ConvergenceWarning, stacklevel=3,
+        )
 
 
 def _unused_hparams(f, inner_loss, fixed_point, w, lam, wspec, lspec) -> list[int]:

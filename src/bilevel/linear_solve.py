@@ -14,7 +14,7 @@ and cannot run: the solvers then do exactly ``maxiter`` (guarded) iterations.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,10 +26,12 @@ from bilevel._checks import (
     NotContractionError,
     SingularSystemError,
     SolverError,
+    check_converged,
     check_count,
     check_finite,
     check_positive,
     check_tol,
+    checked_output,
     is_batched,
     item,
     no_transform,
@@ -169,9 +171,11 @@ class SolveInfo:
     """What a solve did.
 
     ``iterations``: matrix–vector products with ``A`` (NormalCG: with ``A`` and ``Aᵀ``
-    each); ``residual``: relative residual ``‖b − A x‖/‖b‖`` of the returned ``x``
-    computed for every solver from its own recurrence);
-    ``converged``: ``residual ≤ tol``.  Under ``vmap`` the last two are tensors.
+    each, not counting the one that checks the residual at exit); ``residual``: the true
+    relative residual ``‖b − A x‖/‖b‖`` of the returned ``x``, computed at exit (never a
+    recurrence's estimate, which can drift from it by orders of magnitude);
+    ``converged``: ``residual ≤ tol`` (or at the dtype's rounding floor,
+    ``64·eps·(1 + ‖A x‖/‖b‖)``).  Under ``vmap`` the last two are per-row tensors.
     """
 
     solver: str
@@ -635,6 +639,7 @@ def solve_leaves(
     return x, SolveInfo(name, k, item(res), item(converged))
 
 
+@torch.compiler.disable  # called from compiled code it runs eagerly (a graph break), never mis-traced
 def solve(
     matvec: Callable[[Any], Any],
     rhs: Any,
@@ -649,16 +654,21 @@ def solve(
     ``matvec(x) = A x`` maps a pytree shaped like ``rhs`` to one of the same shape;
     ``rmatvec(y) = Aᵀ y`` is needed by ``NormalCG`` only.  ``init`` is a warm start
     (ignored by ``Neumann`` and ``Dense``).  ``precond(r) = M r`` with ``M ≈ A⁻¹``
-    symmetric positive definite turns CG into preconditioned CG (CG only).  Returns ``(x, SolveInfo)``, ``x`` shaped
-    like ``rhs``.  Raises :class:`NotContractionError` when a Richardson iteration
-    diverges and :class:`SolverError` on NaN/Inf.
+    symmetric positive definite turns CG into preconditioned CG (CG only).  Returns
+    ``(x, SolveInfo)``, ``x`` shaped like ``rhs``; ``info.residual`` is the true relative
+    residual ``‖rhs − A x‖/‖rhs‖`` at ``x``.
+
+    Warns (:class:`~bilevel.ConvergenceWarning`) when it is above ``tol``.  Raises
+    :class:`NotContractionError` when a Richardson iteration diverges (fast or slowly),
+    :class:`SingularSystemError` for a singular, inconsistent system, and
+    :class:`SolverError` on NaN/Inf or non-positive curvature in CG.
     """
     check_solver(solver)
     b, spec = T.tree_flatten(rhs)
     if not b or not all(isinstance(t, torch.Tensor) for t in b):
         raise TypeError(f"rhs should be a tensor or a pytree of tensors, got {T.describe(rhs)}.")
-    mv = _checked(T.flat_fn(matvec, spec), b, "matvec")
-    rmv = None if rmatvec is None else _checked(T.flat_fn(rmatvec, spec), b, "rmatvec")
+    mv = checked_output(T.flat_fn(matvec, spec), b, "matvec")
+    rmv = None if rmatvec is None else checked_output(T.flat_fn(rmatvec, spec), b, "rmatvec")
     x0 = None
     if init is not None:
         x0, ispec = T.tree_flatten(init)
@@ -667,25 +677,8 @@ def solve(
                 f"init should have the structure of rhs ({T.describe(rhs)}), "
                 f"not {T.describe(init)}."
             )
-    pc = None if precond is None else _checked(T.flat_fn(precond, spec), b, "precond")
+    pc = None if precond is None else checked_output(T.flat_fn(precond, spec), b, "precond")
     x, info = solve_leaves(mv, b, solver, x0, rmv, pc)
     check_finite(x, "the solution of the linear system")
+    check_converged("solve", info, getattr(solver, "tol", 0.0), "Raise maxiter, or use a faster solver (CG/GMRES).")
     return T.tree_unflatten(x, spec), info
-
-
-def _checked(fn: MatVec, like: Sequence[torch.Tensor], name: str) -> MatVec:
-    """Check, on the first call only, that ``fn`` returns leaves shaped like ``like``."""
-    state = {"checked": False}
-
-    def wrapped(x: Leaves) -> Leaves:
-        out = fn(x)
-        if not state["checked"]:
-            state["checked"] = True
-            if len(out) != len(like) or any(o.shape != c.shape for o, c in zip(out, like)):
-                raise ValueError(
-                    f"{name} should return a pytree shaped like rhs ({len(like)} leaves "
-                    f"{[tuple(c.shape) for c in like]}), got {[tuple(o.shape) for o in out]}."
-                )
-        return out
-
-    return wrapped
