@@ -295,6 +295,48 @@ def warn_unconverged(where: str, solver: str, iterations: int, residual: Any, to
     )
 
 
+def check_converged(where: str, info: Any, tol: float, fix: str) -> None:
+    """Warn (:class:`ConvergenceWarning`) when a solve with ``tol > 0`` missed it in any row;
+    ``tol = 0`` asks for exactly ``maxiter`` iterations, so there is nothing to warn about."""
+    if tol > 0 and not converged_all(info.converged):
+        warn_unconverged(where, info.solver, info.iterations, info.residual, tol, fix)
+
+
+def checked_output(
+    fn: Callable[[Leaves], Leaves], like: Sequence[torch.Tensor], name: str
+) -> Callable[[Leaves], Leaves]:
+    """``fn`` on leaves, checked on its first call to return leaves shaped like ``like``."""
+    state = {"checked": False}
+
+    def wrapped(x: Leaves) -> Leaves:
+        out = fn(x)
+        if not state["checked"]:
+            state["checked"] = True
+            if len(out) != len(like) or any(
+                not isinstance(o, torch.Tensor) or o.shape != c.shape for o, c in zip(out, like)
+            ):
+                raise ValueError(
+                    f"{name} should return a pytree shaped like rhs, its input ({len(like)} leaves "
+                    f"{[tuple(c.shape) for c in like]}), got "
+                    f"{[tuple(o.shape) if isinstance(o, torch.Tensor) else type(o).__name__ for o in out]}."
+                )
+        return out
+
+    return wrapped
+
+
+def explain_inference(err: RuntimeError, where: str) -> RuntimeError:
+    """A clear error for tensors made under ``torch.inference_mode()`` that a user function
+    captured (autograd cannot record them), or ``err`` itself."""
+    if "Inference tensors" in str(err):
+        return RuntimeError(
+            f"{where}: a tensor created under torch.inference_mode() (e.g. data captured by "
+            "your loss) cannot be used with autograd. Create it outside inference_mode, or "
+            "pass tensor.clone() made outside it; torch.no_grad() is fine for data."
+        )
+    return err
+
+
 def converged_all(converged: Any) -> bool:
     """``converged`` (a bool, or a per-row tensor under vmap) holds for every row."""
     if isinstance(converged, torch.Tensor):
@@ -333,3 +375,66 @@ def nested_forward_mode() -> bool:
         return False
     stack = _ft.get_interpreter_stack() or []
     return sum(str(i.key()).endswith("Jvp") for i in stack) > 1
+
+
+# ----------------------------------------------------------------------------- divergence
+
+# Growth of the step norms (geometric mean of the last quarter of the steps over the first
+# and over the second quarter) that :func:`check_not_diverging` reads as divergence, and the
+# fewest steps for which it reads the trend at all: with fewer than 8 steps per quarter,
+# sampling noise alone makes a ×4 growth too likely.
+TREND_GROWTH = 4.0
+TREND_MIN_STEPS = 32
+
+
+def check_not_diverging(norms: Sequence[torch.Tensor], iterate: Sequence[torch.Tensor], what: str, fix: str) -> None:
+    """Raise :class:`NotContractionError` if an iteration diverged, judged once at its end.
+
+    ``norms``: the norm of every step (0-d tensors kept on the device while iterating: no
+    host sync per step); ``iterate``: the final iterate's leaves.  Divergence is any of
+
+    * NaN/Inf in the iterate or in a step;
+    * a last step ``DIVERGENCE_FACTOR`` times the first (a blow-up);
+    * with at least ``TREND_MIN_STEPS`` steps, a clear upward trend: the geometric mean of
+      the last quarter of the step norms exceeds those of the first and of the second
+      quarter by ``TREND_GROWTH``, and that growth is more than 3 times the step-to-step
+      scatter of ``log‖step‖`` within the quarters.  Slow divergence (``|1 − ηL| = 1.05``
+      grows ×131 in 100 steps) is caught, while a contraction's steps that decay, or
+      hover at the sampling-noise level (noisy minibatches, warm starts at the solution,
+      decreasing steps), do not trigger it.
+
+    Step norms below rounding level (``16·eps·‖iterate‖``) count as that level.  Under
+    ``vmap`` every row is judged.  ``fix`` ends the message (what to change).
+    """
+    if not norms:
+        return
+    n = torch.stack([t.detach().reshape(()) for t in norms])
+    steps = n.shape[0]
+    info = torch.finfo(n.dtype)
+    if not all_finite(list(iterate)) or not bool(torch.isfinite(values(n)).all()):
+        raise NotContractionError(
+            f"{what} diverged: NaN/Inf in the iterate after {steps} steps (the step norm went "
+            f"from {worst(n[0]):.3g} to {worst(n[-1]):.3g}). {fix}"
+        )
+    floor = 16 * info.eps * T.norm([t.detach() for t in iterate]) + info.tiny
+    n = torch.maximum(n, floor)
+    bad = n[-1] > DIVERGENCE_FACTOR * n[0]
+    first, last, how = n[0], n[-1], "a blow-up"
+    if steps >= TREND_MIN_STEPS:
+        q = steps // 4
+        logs = torch.log(n)
+        quarters = [logs[:q], logs[q : 2 * q], logs[2 * q : 3 * q], logs[steps - q :]]
+        mean = [h.mean() for h in quarters]
+        scatter = torch.stack([h.var() for h in quarters]).mean().sqrt()
+        rise = mean[3] - mean[1]
+        grew = (rise > math.log(TREND_GROWTH)) & (mean[3] - mean[0] > math.log(TREND_GROWTH)) & (rise > 3 * scatter)
+        if bool(values(grew).any()):
+            rate = torch.exp((mean[3] - mean[0]) / (steps - q))
+            first, last = torch.exp(mean[0]), torch.exp(mean[3])
+            how = f"geometric means of the first and last {q} steps, about ×{worst(rate):.3g} per step"
+        bad = bad | grew
+    if bool(values(bad).any()):
+        raise NotContractionError(
+            f"{what} diverged: the step norm grew from {worst(first):.3g} to {worst(last):.3g} over "
+            f"{steps} steps ({how}), so the iteration is not a contraction at this step size. {fix}"
+        )
