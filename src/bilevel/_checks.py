@@ -108,6 +108,16 @@ def is_batched(t: torch.Tensor) -> bool:
     return _ft is not None and values(t).shape != t.shape
 
 
+def differentiable(create_graph: bool) -> bool:
+    """Whether a hypergradient routine must return a differentiable result (a second-order
+    hypergradient): under torch.func.grad / jacrev / jvp — detaching there would silently
+    give zeros — or with plain autograd when asked by ``create_graph=True``, as for
+    ``torch.autograd.grad``.  Otherwise results are detached: no graph is kept alive."""
+    if active_transforms() & {"Grad", "Jvp"}:
+        return True
+    return create_graph and torch.is_grad_enabled()
+
+
 # ----------------------------------------------------------------------------- options
 
 

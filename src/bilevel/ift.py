@@ -28,7 +28,6 @@ from torch.utils._pytree import register_pytree_node
 from bilevel import _tree as T
 from bilevel._checks import (
     ConvergenceWarning,
-    active_transforms,
     check_autograd,
     check_converged,
     check_finite,
@@ -37,6 +36,7 @@ from bilevel._checks import (
     check_shaped_like,
     check_tol,
     checked_output,
+    differentiable,
     explain_inference,
     item,
     leaves_pair,
@@ -271,15 +271,6 @@ def check_symmetric(solver: Solver, op: ImplicitOperator, like: Leaves, form: st
 INNER_RELATIVE_TOL = 1e-2
 
 
-def _differentiable(create_graph: bool) -> bool:
-    """The caller differentiates the hypergradient itself (a second-order hypergradient):
-    under torch.func.grad / jacrev / jvp (detaching there would silently give zeros), or with
-    plain autograd when asked by ``create_graph=True``, as for ``torch.autograd.grad``."""
-    if active_transforms() & {"Grad", "Jvp"}:
-        return True
-    return create_graph and torch.is_grad_enabled()
-
-
 @torch.compiler.disable  # called from compiled code it runs eagerly (a graph break), never mis-traced
 def hypergrad(
     outer_loss: Callable[[Any, Any], torch.Tensor],
@@ -330,7 +321,7 @@ def hypergrad(
     if inner_tol is not None and inner_tol != math.inf:  # inf: no inner-residual warning at all
         check_tol("hypergrad: inner_tol", inner_tol)
     (w, wspec), (lam, lspec) = leaves_pair(params, hparams, "params")
-    keep_graph = _differentiable(create_graph)
+    keep_graph = differentiable(create_graph)
     if not keep_graph:
         w = [t.detach() for t in w]
         lam = [t.detach() for t in lam]

@@ -26,6 +26,7 @@ from bilevel._checks import (
     check_count,
     check_input_finite,
     check_shaped_like,
+    differentiable,
     leaves,
     no_transform,
     scalar,
@@ -292,6 +293,7 @@ def unroll(
     return T.tree_unflatten(list(w), wspec)
 
 
+@torch.compiler.disable  # called from compiled code it runs eagerly (a graph break)
 def forward_hypergrad(
     outer_loss: Callable[[Any, Any], torch.Tensor],
     step: Callable[..., Any],
@@ -301,6 +303,7 @@ def forward_hypergrad(
     *,
     indexed: bool = False,
     return_params: bool = False,
+    create_graph: bool = False,
 ) -> Any:
     """Hypergradient of ``f(w_T, λ)`` through T steps by forward mode (FMD).
 
@@ -312,18 +315,19 @@ def forward_hypergrad(
     A stochastic step (minibatch sampling, dropout) draws its random numbers once per step
     for all |λ| directions (``vmap(..., randomness="same")``): the result is the
     hypergradient of the one trajectory that :func:`unroll` runs from the same seed.  The
-    result is differentiable: under ``torch.func.grad`` / ``jacrev`` / ``jacfwd``, or with
-    ``hparams`` (``params0``) requiring grad and grad mode on, its derivative is the
-    Hessian of the unrolled outer loss — the graph then holds all T steps, so call it
-    under ``torch.no_grad()`` or with detached inputs when only the hypergradient is needed.
+    result is detached, unless the caller differentiates it — under ``torch.func.grad`` /
+    ``jacrev`` / ``jacfwd``, or with ``create_graph=True`` (plain autograd, inputs that
+    require grad) — then its derivative is the Hessian of the unrolled outer loss (the
+    graph holds all T steps).
     """
     _check_steps(steps, None)
     check_autograd("forward_hypergrad")
-    # not detached: under torch.func.grad / jacrev / jacfwd, or plain autograd with inputs
-    # that require grad, the result is differentiable (its derivative is the Hessian of
-    # the unrolled outer loss); nothing is recorded otherwise
     w, wspec = leaves(params0, "params0")
     lam, lspec = leaves(hparams, "hparams")
+    keep_graph = differentiable(create_graph)
+    if not keep_graph:  # nothing recorded: no graph of T steps kept alive by a Parameter
+        w = [t.detach() for t in w]
+        lam = [t.detach() for t in lam]
     check_input_finite(lam, "hparams")
     fn = _stepleaves(step, wspec, lspec, indexed)
     sizes = [t.numel() for t in lam]
