@@ -333,7 +333,7 @@ def hypergrad(
     except RuntimeError as err:
         raise explain_inference(err, "hypergrad") from err
     check_converged("hypergrad", sinfo, getattr(solver, "tol", 0.0),
-                    "The hypergradient is approximate: raise the solver's maxiter, use CG() (inner_loss) "
+                    "Raise the solver's maxiter, use CG() (inner_loss) "
                     "or GMRES() (fixed_point), or pass init=info.v of the previous call.")
     _check_inner(op, w, inner_loss is not None, inner_tol)
     out = T.tree_unflatten(hg if keep_graph else [t.detach() for t in hg], lspec)
