@@ -322,3 +322,10 @@ def test_hypergrad_inside_torch_compile():
 
     got = torch.compile(step, backend="eager")(w_star(lam), lam)
     assert _rel(got, lam - 0.1 * exact) < 1e-12
+
+
+def test_torch_compile_of_hypergrad_itself():
+    inner, outer, w_star, lam = _ridge()
+    exact = bl.hypergrad(outer, w_star(lam), lam, inner_loss=inner)
+    got = torch.compile(bl.hypergrad, backend="eager")(outer, w_star(lam), lam, inner_loss=inner)
+    assert _rel(got, exact) < 1e-12

@@ -15,6 +15,7 @@ row exactly as a loop over the tasks would be, never skipped.
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -116,6 +117,20 @@ def differentiable(create_graph: bool) -> bool:
     if active_transforms() & {"Grad", "Jvp"}:
         return True
     return create_graph and torch.is_grad_enabled()
+
+
+def eager(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Run ``fn`` eagerly when torch.compile meets it (a graph break), directly
+    (``torch.compile(fn)``) or inside compiled code: its solver loops read residuals on the
+    host and look behind torch.func wrappers, which inductor cannot trace.  (A plain
+    ``torch.compiler.disable`` is stripped when ``fn`` itself is compiled, hence the wrapper.)"""
+    body = torch.compiler.disable(fn)
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        return body(*args, **kwargs)
+
+    return wrapper
 
 
 # ----------------------------------------------------------------------------- options
@@ -447,4 +462,13 @@ def check_not_diverging(norms: Sequence[torch.Tensor], iterate: Sequence[torch.T
         raise NotContractionError(
             f"{what} diverged: the step norm grew from {worst(first):.3g} to {worst(last):.3g} over "
             f"{steps} steps ({how}), so the iteration is not a contraction at this step size. {fix}"
+        )
+
+
+def check_one_form(inner_loss: Any, fixed_point: Any) -> None:
+    """Exactly one of the two forms of the inner problem (``inner_loss=`` or ``fixed_point=``)."""
+    if (inner_loss is None) == (fixed_point is None):
+        raise ValueError(
+            "pass exactly one of fixed_point= (the fixed-point form w = Φ(w, λ), or E Φ̂(w, λ, batch)) "
+            "or inner_loss= (the optimality form ∇_w g(w, λ) = 0, or ∇_w E ĝ(w, λ, batch) = 0)."
         )

@@ -37,6 +37,7 @@ from bilevel._checks import (
     check_tol,
     checked_output,
     differentiable,
+    eager,
     explain_inference,
     item,
     leaves_pair,
@@ -271,7 +272,7 @@ def check_symmetric(solver: Solver, op: ImplicitOperator, like: Leaves, form: st
 INNER_RELATIVE_TOL = 1e-2
 
 
-@torch.compiler.disable  # called from compiled code it runs eagerly (a graph break), never mis-traced
+@eager  # under torch.compile: runs eagerly (a graph break), never mis-traced
 def hypergrad(
     outer_loss: Callable[[Any, Any], torch.Tensor],
     params: Any,

@@ -32,6 +32,7 @@ from bilevel._checks import (
     check_positive,
     check_tol,
     checked_output,
+    eager,
     is_batched,
     item,
     no_transform,
@@ -642,7 +643,7 @@ def solve_leaves(
     return x, SolveInfo(name, k, item(res), item(converged))
 
 
-@torch.compiler.disable  # called from compiled code it runs eagerly (a graph break), never mis-traced
+@eager  # under torch.compile: runs eagerly (a graph break), never mis-traced
 def solve(
     matvec: Callable[[Any], Any],
     rhs: Any,

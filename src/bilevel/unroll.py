@@ -27,6 +27,7 @@ from bilevel._checks import (
     check_input_finite,
     check_shaped_like,
     differentiable,
+    eager,
     leaves,
     no_transform,
     scalar,
@@ -293,7 +294,7 @@ def unroll(
     return T.tree_unflatten(list(w), wspec)
 
 
-@torch.compiler.disable  # called from compiled code it runs eagerly (a graph break)
+@eager  # under torch.compile: runs eagerly (a graph break), never mis-traced
 def forward_hypergrad(
     outer_loss: Callable[[Any, Any], torch.Tensor],
     step: Callable[..., Any],
