@@ -21,7 +21,7 @@ def test_readme_opens_with_the_two_commands():
 
 
 # a python block followed by "prints" and a plain block: its output must be exactly that
-PRINTED = re.findall(r"```python\n(.*?)```\n\nprints\n\n```\n(.*?)```", README.read_text(), flags=re.S)
+PRINTED = re.findall(r"```python\n((?:(?!```).)*?)```\n\nprints\n\n```\n(.*?)```", README.read_text(), flags=re.S)
 
 
 @pytest.mark.parametrize("code,expected", PRINTED, ids=[f"printed{i}" for i in range(len(PRINTED))])
