@@ -329,3 +329,11 @@ def test_torch_compile_of_hypergrad_itself():
     exact = bl.hypergrad(outer, w_star(lam), lam, inner_loss=inner)
     got = torch.compile(bl.hypergrad, backend="eager")(outer, w_star(lam), lam, inner_loss=inner)
     assert _rel(got, exact) < 1e-12
+
+
+def test_solve_info_under_vmap_is_per_task():
+    A = torch.diag(torch.tensor([1.0, 2.0, 3.0], dtype=F64))
+    b = torch.randn(4, 3, generator=_gen(0), dtype=F64)
+    x, info = torch.func.vmap(lambda b: bl.solve(lambda v: A @ v, b, bl.CG()))(b)
+    assert info.converged.shape == (4,) and bool(info.converged.all())
+    assert _rel(x, b / torch.tensor([1.0, 2.0, 3.0], dtype=F64)) < 1e-12

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.utils._pytree import register_pytree_node
 
 from bilevel import _tree as T
 from bilevel._checks import (
@@ -184,6 +185,15 @@ class SolveInfo:
     residual: float | torch.Tensor
     converged: bool | torch.Tensor
 
+
+# a pytree node, so that a function under torch.func.vmap can return it: the per-task
+# residual and flag are leaves, the solver's name and iteration count static
+register_pytree_node(
+    SolveInfo,
+    lambda i: ([i.residual, i.converged], (i.solver, i.iterations)),
+    lambda leaves, ctx: SolveInfo(ctx[0], ctx[1], *leaves),
+    serialized_type_name="bilevel.SolveInfo",
+)
 
 Leaves = list[torch.Tensor]
 MatVec = Callable[[Leaves], Leaves]
