@@ -36,14 +36,19 @@ from torch.func import grad, jvp, vjp
 from bilevel import _tree as T
 from bilevel._checks import (
     DIVERGENCE_FACTOR,
-    NotContractionError,
-    SolverError,
+    all_finite,
+    check_batch,
+    check_count,
     check_finite,
+    check_input_finite,
+    check_not_diverging,
     check_reached,
     check_shaped_like,
+    check_tol,
     item,
     prepare_pair,
     scalar,
+    warn_unconverged,
 )
 from bilevel.ift import _tree_fn
 from bilevel.linear_solve import SolveInfo
@@ -85,8 +90,13 @@ def fista(
 
     Before iterating, ``max|1 − η·eig(∇²g)|`` is estimated at ``params0`` (power iteration,
     60 Hessian–vector products): above 1 the step breaks the contraction and a
-    ``ValueError`` says which step would work.  A residual that grows ``10⁶``-fold or
-    turns NaN/Inf raises :class:`~bilevel.NotContractionError`.
+    ``ValueError`` says which step would work.  Φ is a contraction for ``η < 2/L``, but
+    FISTA's momentum needs ``η ≤ 1/L``: with ``1/L < η < 2/L`` it may diverge although Φ
+    contracts (then iterate Φ itself, e.g. with :func:`bilevel.fixed_point_solve` and
+    :class:`bilevel.Picard`, or lower the step).  A residual that grows ``10⁶``-fold, turns
+    NaN/Inf, or clearly grows over a run that missed ``tol`` raises
+    :class:`~bilevel.NotContractionError`, whose message tells these cases apart; a run
+    that stops at ``maxiter`` above ``tol`` warns (:class:`~bilevel.ConvergenceWarning`).
     """
     if not isinstance(fixed_point, ProximalGradient):
         raise TypeError(
@@ -94,30 +104,27 @@ def fista(
             "for another contraction use bilevel.fixed_point_solve. "
             f"Got {type(fixed_point).__name__}."
         )
-    if not isinstance(maxiter, int) or isinstance(maxiter, bool) or maxiter < 1:
-        raise ValueError(f"fista: maxiter should be an int >= 1, not {maxiter!r}.")
-    if not (isinstance(tol, (int, float)) and tol >= 0 and math.isfinite(tol)):
-        raise ValueError(f"fista: tol should be a finite float >= 0, not {tol!r}.")
+    check_count("fista: maxiter", maxiter, 1)
+    tol = check_tol("fista: tol", tol)
     w, wspec, lam, lspec = prepare_pair(params0, hparams, "params0")
-    _check_prox_step(fixed_point, T.tree_unflatten(w, wspec), T.tree_unflatten(lam, lspec))
+    lo, hi = _check_prox_step(fixed_point, T.tree_unflatten(w, wspec), T.tree_unflatten(lam, lspec))
+    fix = _fista_advice(fixed_point.step, lo, hi)
     phi = _map_leaves(fixed_point, wspec, lspec, "fixed_point")
-    y, t, r, start, k = w, 1.0, math.inf, math.inf, 0
+    y, t, r, k, start = w, 1.0, math.inf, 0, math.inf
+    history: list[torch.Tensor] = []  # ‖Φ(y_k) − y_k‖, judged by check_not_diverging
     with torch.no_grad():
         while k < maxiter:
             new = phi(y, lam)
             step = T.sub(new, y)
             # one host sync per iteration for the stopping test and the restart test
-            dist, size, turn = torch.stack([T.norm(step), T.norm(new), T.vdot(step, T.sub(new, w))]).tolist()
+            norms = torch.stack([T.norm(step), T.norm(new), T.vdot(step, T.sub(new, w))])
+            dist, size, turn = norms.tolist()
+            history.append(norms[0])
             r = dist / size if size > 0 else dist
             k += 1
-            if k == 1:
-                start = max(dist, 1e-300)
-            if not math.isfinite(dist) or dist > DIVERGENCE_FACTOR * start:
-                raise NotContractionError(
-                    f"fista diverged: ‖Φ(y) − y‖ went from {start:.3g} to {dist:.3g} in {k} "
-                    "steps, so Φ is not a contraction here: lower the step (it must be < 2/L, L "
-                    "the Lipschitz constant of ∇_w smooth_loss) and check the data for NaN/Inf."
-                )
+            start = dist if k == 1 else start
+            if not math.isfinite(dist) or dist > DIVERGENCE_FACTOR * start:  # a blow-up: stop and judge now
+                check_not_diverging(history, new, "fista", fix)
             if r <= tol:
                 w = new
                 break
@@ -128,10 +135,32 @@ def fista(
                 beta = (t - 1) / t_next
             y = T.axpy(beta, T.sub(new, w), new)
             w, t = new, t_next
+    if r > tol:
+        check_not_diverging(history, w, "fista", fix)
+        momentum = fixed_point.step * hi > 1 + 1e-6 and lo >= 0
+        warn_unconverged("fista", "FISTA", k, r, tol, fix if momentum else "Raise maxiter.")
     return T.tree_unflatten(w, wspec), SolveInfo("FISTA", k, r, r <= tol)
 
 
-def _check_prox_step(phi: ProximalGradient, params: Any, hparams: Any) -> None:
+def _fista_advice(step: float, lo: float, hi: float) -> str:
+    """Why FISTA on a proximal-gradient map with this step may diverge, from the Hessian's
+    spectrum ``[lo, hi]`` estimated at params0."""
+    if step * hi > 1 + 1e-6 and lo >= 0:
+        return (
+            f"The proximal-gradient map Φ IS a contraction at this step (η·L ≈ {step * hi:.3g} < 2, "
+            f"L = λ_max(∇²_w smooth_loss) ≈ {hi:.4g}), but FISTA's momentum needs step ≤ 1/L ≈ "
+            f"{1 / hi:.4g}: use proximal_gradient(..., step ≤ 1/L) with fista, or iterate Φ without "
+            "momentum (bilevel.fixed_point_solve(lambda w: Φ(w, hparams), params0, bilevel.Picard()))."
+        )
+    return (
+        "Φ is not a contraction along the iterates: lower the step (it must be < 2/L, L the Lipschitz "
+        "constant of ∇_w smooth_loss, which can be larger away from params0; FISTA needs step ≤ 1/L), "
+        "and check the data for NaN/Inf."
+    )
+
+
+def _check_prox_step(phi: ProximalGradient, params: Any, hparams: Any) -> tuple[float, float]:
+    """Raise ``ValueError`` unless Φ contracts at ``params``; return the estimated Hessian spectrum."""
     lo, hi = _hessian_spectrum(phi.gradient, params, hparams, iters=30)
     q = max(abs(1 - phi.step * lo), abs(1 - phi.step * hi))
     if q > 1 + 1e-6:
@@ -149,6 +178,7 @@ def _check_prox_step(phi: ProximalGradient, params: Any, hparams: Any) -> None:
             f"proximal_gradient is not a contraction at params0 (estimated factor "
             f"max|1 − η·eig(∇²g)| ≈ {q:.4g} > 1): {why}."
         )
+    return lo, hi
 
 
 def _map_leaves(fn: Callable[..., Any], wspec: Any, lspec: Any, name: str):
@@ -213,11 +243,6 @@ def proximal_gradient_composite(
     return CompositeMap(inner, lambda u, hparams: prox(u, hparams, step))
 
 
-def _check_count(value: Any, name: str) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} should be an int >= 1, not {value!r}.")
-
-
 def stochastic_proximal_gradient(
     params0: Any,
     hparams: Any,
@@ -234,9 +259,11 @@ def stochastic_proximal_gradient(
     μ-strongly convex, L-smooth ``g`` take ``step_size = DecreasingStep(2/μ, 2L/μ)``
     (``η_0 = 1/L``, ``E‖w_t − w(λ)‖² = O(1/t)``).  Returns ``w_t`` (detached, shaped like
     ``params0``); pass a :class:`~bilevel.stochastic.BatchStream` to count the samples.
-    Raises :class:`~bilevel.NotContractionError` on NaN/Inf (a step that is too large).
+    Raises :class:`~bilevel.NotContractionError` when the iterations diverge (NaN/Inf, a
+    blow-up, or gradient-mapping norms ``‖w_{i+1} − w_i‖/η_i`` that clearly grow: see
+    :func:`bilevel._checks.check_not_diverging`), as a step above ``2/L`` does.
     """
-    _check_count(steps, "steps")
+    check_count("steps", steps, 1)
     eta = as_step_size(step_size, "step_size")
     w, wspec, lam, lspec = prepare_pair(params0, hparams, "params0")
     stream = as_stream(batches)
@@ -247,19 +274,18 @@ def stochastic_proximal_gradient(
 
     grad_w = grad(loss)
     prox_leaves = _map_leaves(prox, wspec, lspec, "prox")
+    fix = ("The step size must be < 2/L (L the Lipschitz constant of ∇_w batch_loss, for every batch): "
+           "lower step_size, or check the data for NaN/Inf.")
+    norms = []  # gradient-mapping norms ‖w_{i+1} − w_i‖/η_i, on the device: judged at the end
     for i in range(steps):
         e = eta(i)
         with torch.no_grad():
-            w = prox_leaves(T.axpy(-e, grad_w(w, lam, stream.next()), w), lam, e)
-        if (i + 1) % 100 == 0 or i + 1 == steps:  # a host sync, so only now and then
-            try:
-                check_finite(w, "stochastic_proximal_gradient's iterate")
-            except SolverError as err:
-                raise NotContractionError(
-                    f"stochastic_proximal_gradient diverged (NaN/Inf after {i + 1} steps): lower "
-                    "the step size (η_i must stay < 2/L for each batch loss's gradient) or check "
-                    "the data."
-                ) from err
+            new = prox_leaves(T.axpy(-e, grad_w(w, lam, stream.next()), w), lam, e)
+            norms.append(T.norm(T.sub(new, w)) / e)
+            w = new
+        if (i + 1) % 100 == 0 and not all_finite(w):  # a host sync, so only now and then: stop early
+            break
+    check_not_diverging(norms, w, "stochastic_proximal_gradient", fix)
     return T.tree_unflatten(w, wspec)
 
 
@@ -316,7 +342,10 @@ def nsid(
     ``γ ≥ β`` keeps ``η_i ≤ 1`` (β = γ = 2/(1 − q²) is the authors' choice).  Use batches
     large enough that ``T̂`` is a contraction, or a larger ``β``.  With ``w`` exact the mean squared error is
     ``O(1/k)``; with every batch the full data and ``η_i = 1`` NSID is AID with fixed-point
-    iterations.  Raises ``ValueError`` for bad input, :class:`~bilevel.SolverError` for NaN/Inf.
+    iterations.  Raises ``ValueError`` for bad input (a batch or ``mean_batch`` with 0 rows
+    included), :class:`~bilevel.NotContractionError` when the linear-system iterations diverge
+    (NaN/Inf, a blow-up, or residual norms that clearly grow: a ``step_size`` on a map that is
+    not a contraction), :class:`~bilevel.SolverError` for NaN/Inf in the result.
     """
     if not isinstance(fixed_point, CompositeMap):
         raise TypeError(
@@ -324,9 +353,10 @@ def nsid(
             "proximal_gradient_composite); for a map you can evaluate exactly use "
             f"bilevel.hypergrad(fixed_point=...). Got {type(fixed_point).__name__}."
         )
-    _check_count(steps, "steps")
+    check_count("steps", steps, 1)
     w, wspec, lam, lspec = prepare_pair(params, hparams, "params")
     stream = as_stream(batches)
+    check_batch(mean_batch, "nsid: mean_batch")
 
     f = _tree_fn(outer_loss, wspec, lspec)
     fval, f_vjp = vjp(lambda wl, ll: scalar(f(wl, ll), "outer_loss"), w, lam)
@@ -360,7 +390,9 @@ def nsid(
         if ispec != wspec or any(a.shape != b.shape for a, b in zip(v, w)):
             raise ValueError(f"init should be shaped like params, got {T.describe(init)}.")
         v = [t.detach() for t in v]
+        check_input_finite(v, "init")
     samples0 = stream.samples
+    norms = []  # ‖J̃ᵢᵀvᵢ + ∇_w f − vᵢ‖ per step, on the device: judged once at the end
     for i in range(steps):
         e = eta(i)
         if not e <= 1:
@@ -371,8 +403,16 @@ def nsid(
         batch = stream.next()
         _, inner_w_vjp = vjp(lambda wl, b=batch: inner(wl, lam, b), w)
         jv = inner_w_vjp(list(outer_vjp(v)[0]))[0]  # ∂_wT̂(w, λ, ξ_i)ᵀ ∂_uG(w̄, λ)ᵀ v_i
-        v = [(1 - e) * vi + e * (ji + gi) for vi, ji, gi in zip(v, jv, gw)]
-    check_finite(v, f"NSID's linear-system iterate after {steps} steps")
+        r = [ji + gi - vi for vi, ji, gi in zip(v, jv, gw)]
+        norms.append(T.norm(r))
+        v = T.axpy(e, r, v)  # (1 − η_i) v_i + η_i (J̃ᵢᵀ v_i + ∇_w f)
+    check_not_diverging(
+        norms, v, "NSID's linear-system iterations",
+        "They contract when Φ = G∘T̂ does (‖∂_wΦ‖ < 1; for proximal_gradient_composite the step "
+        "inside the map must be < 2/L, L the Lipschitz constant of ∇_w batch_loss) and step_size "
+        "≤ 1: lower the step inside the map, or step_size (the default DecreasingStep.for_contraction "
+        "checks the contraction first).",
+    )
 
     g_u, g_lam = outer_vjp(v)
     hg = T.add(T.add(gl, list(g_lam)), list(inner_lam_vjp(list(g_u))[0]))

@@ -40,15 +40,21 @@ from typing import Any
 import torch
 
 from bilevel import _tree as T
-from bilevel._checks import item, leaves, scalar
+from bilevel._checks import (
+    check_count,
+    check_finite,
+    check_not_diverging,
+    check_one_form,
+    check_positive,
+    item,
+    leaves,
+    scalar,
+)
 from bilevel.ift import hypergrad
 from bilevel.linear_solve import CG, FixedPoint, Solver, check_solver
 from bilevel.stochastic import (
     BatchStream,
     StepSize,
-    _check_diverged,
-    _check_steps,
-    _one_form,
     as_step_size,
     as_stream,
     sid,
@@ -163,7 +169,7 @@ class _Loop:
 
     def run(self, hparams: Any, steps: int) -> tuple[OuterState, list[OuterInfo]]:
         """``init(hparams)`` then ``steps`` outer steps; returns the last state and every info."""
-        _check_steps(steps=(steps, 0))
+        check_count("steps", steps)
         state, infos = self.init(hparams), []
         for _ in range(steps):
             state, info = self.step(state)
@@ -179,10 +185,11 @@ class _DeterministicLoop(_Loop):
     _least_inner_steps = 0
 
     def __post_init__(self: Any) -> None:
-        _one_form(self.inner_loss, self.fixed_point)
-        _check_steps(inner_steps=(self.inner_steps, self._least_inner_steps), data_size=(self.data_size, 1))
+        check_one_form(self.inner_loss, self.fixed_point)
+        check_count("inner_steps", self.inner_steps, self._least_inner_steps)
+        check_count("data_size", self.data_size, 1)
         as_step_size(self.lr, "lr")
-        as_step_size(self.inner_step_size, "inner_step_size")
+        check_positive("inner_step_size", self.inner_step_size)  # a float: the step of every inner iteration
         _check_projection(self.projection)
 
     def init(self: Any, hparams: Any) -> OuterState:
@@ -220,9 +227,10 @@ class StochasticBilevel(_Loop):
     projection: Callable[[Any], Any] | None = None
 
     def __post_init__(self) -> None:
-        _one_form(self.inner_loss, self.fixed_point)
-        _check_steps(inner_steps=(self.inner_steps, 0), linear_steps=(self.linear_steps, 1),
-                     hparam_batches=(self.hparam_batches, 1))
+        check_one_form(self.inner_loss, self.fixed_point)
+        check_count("inner_steps", self.inner_steps)
+        check_count("linear_steps", self.linear_steps, 1)
+        check_count("hparam_batches", self.hparam_batches, 1)
         for name in ("lr", "inner_step_size", "linear_step_size"):
             as_step_size(getattr(self, name), name)
         _check_projection(self.projection)
@@ -284,7 +292,9 @@ class AIDBilevel(_DeterministicLoop):
     ``w`` with ``warm_start=True``), then :func:`bilevel.hypergrad` with ``solver``
     (default: ``FixedPoint()`` for ``fixed_point``, ``CG()`` for ``inner_loss``; warm
     started from the previous ``v`` with ``warm_start=True``), then
-    ``λ ← P(λ − α_s ∇F)``.  Functions take ``(params, hparams)`` as in the core.
+    ``λ ← P(λ − α_s ∇F)``.  Functions take ``(params, hparams)`` as in the core.  Inner
+    iterations that diverge (NaN/Inf, a blow-up, or step norms that clearly grow, as with an
+    ``inner_step_size`` just above ``2/L``) raise :class:`~bilevel.NotContractionError`.
     """
 
     outer_loss: Callable[[Any, Any], torch.Tensor]
@@ -307,11 +317,13 @@ class AIDBilevel(_DeterministicLoop):
     def step(self, state: OuterState) -> tuple[OuterState, OuterInfo]:
         warm = self.warm_start and state.v is not None
         inner = _deterministic_inner(self.fixed_point, self.inner_loss, float(self.inner_step_size))
-        w = _iterate(inner, state.params if warm else self.params0, state.hparams, self.inner_steps)
+        w = _iterate(inner, state.params if warm else self.params0, state.hparams, self.inner_steps,
+                     _inner_advice(self.inner_loss is not None))
         solver = self.solver or (CG() if self.inner_loss is not None else FixedPoint())
         hg, hinfo = hypergrad(
             self.outer_loss, w, state.hparams, inner_loss=self.inner_loss, fixed_point=self.fixed_point,
             solver=solver, init=state.v if warm else None, return_info=True,
+            inner_tol=math.inf,  # inexact inner solutions by design: inner_steps and warm starts control them
         )
         lam = _descend(state.hparams, hg, as_step_size(self.lr, "lr"), state.step, self.projection)
         used = self.data_size * (self.inner_steps + hinfo.iterations + 2)  # + ∇f and the λ-part
@@ -321,19 +333,25 @@ class AIDBilevel(_DeterministicLoop):
         return replace(state, hparams=lam, params=w, v=hinfo.v, step=state.step + 1, samples=total), out
 
 
-def _iterate(step: Callable[[Any, Any], Any], w0: Any, hparams: Any, steps: int) -> Any:
+def _inner_advice(optimality: bool) -> str:
+    """What to change when the deterministic inner iterations diverge."""
+    if optimality:
+        return ("inner_step_size must be < 2/L (L the largest eigenvalue of the Hessian of inner_loss): "
+                "lower it.")
+    return ("The step w + η(Φ(w) − w) contracts when fixed_point does and η = inner_step_size ≤ 1: lower "
+            "inner_step_size, or check that fixed_point is a contraction (for Φ(w) = w − α∇g, α < 2/L).")
+
+
+def _iterate(step: Callable[[Any, Any], Any], w0: Any, hparams: Any, steps: int, advice: str) -> Any:
     w = T.tree_map(lambda t: t.detach(), w0)
     lam = T.tree_map(lambda t: t.detach(), hparams)
-    if not steps:
-        return w
-    first = last = None
+    norms = []  # ‖w_{t+1} − w_t‖ per step, on the device: judged once at the end
     with torch.no_grad():
-        for t in range(steps):
+        for _ in range(steps):
             new = step(w, lam)
-            d = T.norm(T.sub(T.tree_flatten(new)[0], T.tree_flatten(w)[0]))
-            first = d if t == 0 else first
-            last, w = d, new
-    _check_diverged(T.tree_flatten(w)[0], first, last, "the inner fixed-point iterations")
+            norms.append(T.norm(T.sub(T.tree_flatten(new)[0], T.tree_flatten(w)[0])))
+            w = new
+    check_not_diverging(norms, T.tree_flatten(w)[0], "the inner fixed-point iterations", advice)
     return w
 
 
@@ -346,7 +364,9 @@ class ITDBilevel(_DeterministicLoop):
     last K only), ``∇F ≈ d f(w_T(λ), λ)/dλ`` by reverse mode, then ``λ ← P(λ − α_s ∇F)``.
     ``warm_start=True`` starts the unroll from the previous ``w_T`` (detached).  The
     linear residual is ``nan`` (no linear system); the inner residual is
-    ``‖Φ(w_T, λ) − w_T‖`` (or ``‖∇_w g‖``).
+    ``‖Φ(w_T, λ) − w_T‖`` (or ``‖∇_w g‖``).  Divergent inner iterations raise
+    :class:`~bilevel.NotContractionError` (as in :class:`AIDBilevel`), NaN/Inf in the
+    hypergradient :class:`~bilevel.SolverError`.
     """
 
     outer_loss: Callable[[Any, Any], torch.Tensor]
@@ -362,16 +382,31 @@ class ITDBilevel(_DeterministicLoop):
     projection: Callable[[Any], Any] | None = None
     data_size: int = 1
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.truncate is not None and check_count("truncate", self.truncate, 1) > self.inner_steps:
+            raise ValueError(f"truncate should be None or an int in [1, inner_steps={self.inner_steps}], "
+                             f"not {self.truncate!r}.")
 
     def step(self, state: OuterState) -> tuple[OuterState, OuterInfo]:
         inner = _deterministic_inner(self.fixed_point, self.inner_loss, float(self.inner_step_size))
+        norms: list[torch.Tensor] = []  # ‖w_{t+1} − w_t‖ of the forward pass, judged at the end
+
+        def recorded(w: Any, lam: Any) -> Any:
+            new = inner(w, lam)
+            if len(norms) < self.inner_steps:  # a checkpointed backward calls the step again: not recorded
+                norms.append(T.norm([(a - b).detach() for a, b in zip(T.tree_flatten(new)[0], T.tree_flatten(w)[0])]))
+            return new
+
         w0 = state.params if (self.warm_start and state.step > 0) else self.params0
         w0 = T.tree_map(lambda t: t.detach(), w0)
         lam_leaves, lspec = T.tree_flatten(state.hparams)
         lam_leaves = [t.detach().requires_grad_() for t in lam_leaves]
         with torch.enable_grad():
             lam = T.tree_unflatten(lam_leaves, lspec)
-            w_t = unroll(inner, w0, lam, self.inner_steps, truncate=self.truncate)
+            w_t = unroll(recorded, w0, lam, self.inner_steps, truncate=self.truncate)
+            check_not_diverging(norms, T.tree_flatten(w_t)[0], "the unrolled inner iterations",
+                                _inner_advice(self.inner_loss is not None))
             loss = scalar(self.outer_loss(w_t, lam), "outer_loss")
             grads = torch.autograd.grad(loss, lam_leaves, allow_unused=True)
         hg = [torch.zeros_like(x) if g is None else g.detach() for g, x in zip(grads, lam_leaves)]
@@ -382,8 +417,7 @@ class ITDBilevel(_DeterministicLoop):
             # the step is η(Φ(w) − w) (or −η∇_w g): divide by η for ‖Φ(w) − w‖ (or ‖∇_w g‖)
             step = T.sub(T.tree_flatten(inner(w_det, lam_det))[0], w_leaves)
             res = T.norm(step) / float(self.inner_step_size)
-        if not all(bool(torch.isfinite(t).all()) for t in hg):
-            raise ValueError("NaN or Inf in the ITD hypergradient: lower inner_step_size or check the losses.")
+        check_finite(hg, "the ITD hypergradient (lower inner_step_size?)")
         new_lam = _descend(state.hparams, T.tree_unflatten(hg, lspec), as_step_size(self.lr, "lr"), state.step,
                            self.projection)
         used = self.data_size * (2 * self.inner_steps + 2)  # forward + backward through the unroll

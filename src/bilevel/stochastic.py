@@ -46,7 +46,6 @@ are tensors or pytrees of tensors (an ``nn.Module`` through
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -57,9 +56,14 @@ from torch.func import grad, vjp
 
 from bilevel import _tree as T
 from bilevel._checks import (
-    DIVERGENCE_FACTOR,
-    NotContractionError,
     SolverError,
+    check_batch,
+    check_count,
+    check_finite,
+    check_input_finite,
+    check_not_diverging,
+    check_one_form,
+    check_positive,
     check_shaped_like,
     item,
     prepare_pair,
@@ -88,13 +92,6 @@ class DataExhaustedError(ValueError):
     """The batch iterable yielded no batch, or a one-shot iterator ran out."""
 
 
-def _check_positive(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-        math.isfinite(value) and value > 0
-    ):
-        raise ValueError(f"{name} should be a finite float > 0, not {value!r}.")
-
-
 @dataclass(frozen=True)
 class ConstantStep:
     """Constant step size ``η_t = eta``."""
@@ -102,7 +99,7 @@ class ConstantStep:
     eta: float = 1.0
 
     def __post_init__(self) -> None:
-        _check_positive("ConstantStep: eta", self.eta)
+        check_positive("ConstantStep: eta", self.eta)
 
     def __call__(self, t: int) -> float:
         return float(self.eta)
@@ -122,8 +119,8 @@ class DecreasingStep:
     gamma: float = 1.0
 
     def __post_init__(self) -> None:
-        _check_positive("DecreasingStep: beta", self.beta)
-        _check_positive("DecreasingStep: gamma", self.gamma)
+        check_positive("DecreasingStep: beta", self.beta)
+        check_positive("DecreasingStep: gamma", self.gamma)
 
     def __call__(self, t: int) -> float:
         return float(self.beta) / (float(self.gamma) + t)
@@ -146,12 +143,11 @@ def as_step_size(value: Any, name: str) -> StepSize:
         return value
     if isinstance(value, type) and issubclass(value, (ConstantStep, DecreasingStep)):
         raise TypeError(f"{name} should be a step-size value, not the class: write {value.__name__}(...).")
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if not isinstance(value, (int, float)):
         raise TypeError(
             f"{name} should be a float > 0, ConstantStep(eta) or DecreasingStep(beta, gamma); got {value!r}."
         )
-    _check_positive(name, value)
-    return ConstantStep(float(value))
+    return ConstantStep(check_positive(name, value))  # a bool is refused there: True is not a step
 
 
 def _batch_size(batch: Any) -> int:
@@ -169,7 +165,8 @@ class BatchStream:
     (``iter(source) is not source``: DataLoader, list, tuple) starts again from its
     beginning; a one-shot iterator raises :class:`DataExhaustedError`, as does a source
     that yields nothing.  ``samples`` counts the leading dimension of each batch's first
-    tensor; ``batches`` the batches drawn; ``epochs`` the completed passes.
+    tensor; ``batches`` the batches drawn; ``epochs`` the completed passes.  A batch with
+    0 rows is refused (``ValueError``): a loss averaged over no samples has zero gradient.
     """
 
     def __init__(self, source: Iterable[Any]):
@@ -200,6 +197,7 @@ class BatchStream:
             batch = next(self._it)
         except StopIteration:
             batch = self._restart()
+        check_batch(batch, f"batch {self.batches + 1} drawn from the data")
         self._since_restart += 1
         self.batches += 1
         self.samples += _batch_size(batch)
@@ -274,20 +272,6 @@ class SIDInfo:
     samples: int
 
 
-def _check_steps(**steps: Any) -> None:
-    for name, (value, low) in steps.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{name} should be an int >= {low}, not {value!r}.")
-
-
-def _one_form(inner_loss: Any, fixed_point: Any) -> None:
-    if (inner_loss is None) == (fixed_point is None):
-        raise ValueError(
-            "pass exactly one of fixed_point= (w = E Φ̂(w, λ, batch)) or inner_loss= "
-            "(∇_w E ĝ(w, λ, batch) = 0)."
-        )
-
-
 def _inner_update(
     fixed_point: Callable[..., Any] | None,
     inner_loss: Callable[..., torch.Tensor] | None,
@@ -317,6 +301,26 @@ def _inner_update(
     return residual
 
 
+def _advice(name: str, option: str, linear: bool = False) -> str:
+    """What to change when the iterations on ``name``'s problem (or its linear system) diverge."""
+    if name == "inner_loss":
+        return (
+            f"The step size must be < 2/L (L the largest eigenvalue of the Hessian of inner_loss, "
+            f"for every batch): lower {option}."
+        )
+    if linear:
+        return (
+            f"The iteration contracts when ∂_wΦ̂ does (‖∂_wΦ̂‖ < 1, fixed_point a contraction) and "
+            f"{option} ≤ 1: lower {option}, or make fixed_point a contraction (for Φ̂(w) = w − α∇ĝ, "
+            "α < 2/L)."
+        )
+    return (
+        f"The step w + η(Φ̂(w) − w) contracts when fixed_point does and η ≤ 1 (for Φ̂(w) = w − α∇ĝ, "
+        f"η·α must be < 2/L, L the largest Hessian eigenvalue): lower {option}, or check that "
+        "fixed_point is a contraction."
+    )
+
+
 def _run_inner(
     direction: Callable[[Leaves, Leaves, Any], Leaves],
     w: Leaves,
@@ -326,35 +330,17 @@ def _run_inner(
     steps: int,
     step_size: StepSize,
     name: str,
+    option: str,
 ) -> Leaves:
-    first_norm = last_norm = None
+    norms = []  # ‖step direction‖ per step, on the device: judged once at the end
     for t in range(steps):
         batch = stream.next()
         with _explain_batch(name, batch, T.tree_unflatten(list(w), wspec), t == 0):
             d = direction(w, lam, batch)
         w = T.axpy(step_size(t), d, w)
-        last_norm = T.norm(d)
-        if t == 0:
-            first_norm = last_norm
-    if steps:
-        _check_diverged(w, first_norm, last_norm, f"the stochastic fixed-point iterations on {name}")
+        norms.append(T.norm(d))
+    check_not_diverging(norms, w, f"the stochastic fixed-point iterations on {name}", _advice(name, option))
     return w
-
-
-def _check_diverged(x: Leaves, first: Any, last: Any, what: str) -> None:
-    """One host sync at the end of a loop: NaN/Inf or a residual grown by 1e6 is divergence."""
-    try:
-        finite = all(bool(torch.isfinite(t).all()) for t in x)
-        grown = bool(last > DIVERGENCE_FACTOR * torch.clamp(first, min=torch.finfo(first.dtype).tiny))
-    except RuntimeError:  # batched under vmap
-        return
-    if not finite or grown or not bool(torch.isfinite(last)):
-        raise NotContractionError(
-            f"{what} diverged (the step grew from {item(first):.3g} to {item(last):.3g}"
-            f"{'' if finite else ', NaN/Inf in the iterate'}): the averaged map is not a "
-            "contraction at this step size. Use a smaller ConstantStep/DecreasingStep (for an "
-            "inner_loss the step must be < 2/L), or check that the map is a contraction."
-        )
 
 
 @torch.no_grad()  # torch.func transforms inside still differentiate; no graph to captured tensors
@@ -376,15 +362,17 @@ def stochastic_fixed_point(
     SGD, ``w_{t+1} = w_t − η_t ∇_w ĝ(w_t, λ, ξ_t)``.  Returns ``w_T`` (detached), shaped
     like ``params0``.  ``η_t`` from ``step_size`` (:class:`ConstantStep`,
     :class:`DecreasingStep`, or a float).  Raises :class:`NotContractionError` when the
-    iterates blow up.
+    iterations diverge: NaN/Inf, a blow-up, or step norms that clearly grow over the run
+    (:func:`bilevel._checks.check_not_diverging`: a step just above ``2/L`` is caught from
+    about 100 steps on).  A batch with 0 rows raises ``ValueError``.
     """
-    _one_form(inner_loss, fixed_point)
-    _check_steps(steps=(steps, 0))
+    check_one_form(inner_loss, fixed_point)
+    check_count("steps", steps)
     eta = as_step_size(step_size, "step_size")
     w, wspec, lam, lspec = prepare_pair(params0, hparams, "params0")
     name = "inner_loss" if inner_loss is not None else "fixed_point"
     w = _run_inner(_inner_update(fixed_point, inner_loss, wspec, lspec), w, lam, wspec, as_stream(batches), steps,
-                   eta, name)
+                   eta, name, "step_size")
     return T.tree_unflatten(w, wspec)
 
 
@@ -425,10 +413,14 @@ def sid(
     Returns a pytree shaped like ``hparams`` (detached), or ``(hypergrad, SIDInfo)`` with
     ``return_info=True``.  Raises ``ValueError`` for misuse (shapes, steps, empty data),
     :class:`DataExhaustedError` when a one-shot iterator runs out, and
-    :class:`NotContractionError` when an iteration diverges.
+    :class:`NotContractionError` when an iteration diverges (NaN/Inf, a blow-up, or step
+    norms that clearly grow: see :func:`stochastic_fixed_point`); a batch with 0 rows raises
+    ``ValueError``.
     """
-    _one_form(inner_loss, fixed_point)
-    _check_steps(inner_steps=(inner_steps, 0), linear_steps=(linear_steps, 1), hparam_batches=(hparam_batches, 1))
+    check_one_form(inner_loss, fixed_point)
+    check_count("inner_steps", inner_steps)
+    check_count("linear_steps", linear_steps, 1)
+    check_count("hparam_batches", hparam_batches, 1)
     eta_w = as_step_size(inner_step_size, "inner_step_size")
     eta_v = as_step_size(linear_step_size, "linear_step_size")
     w, wspec, lam, lspec = prepare_pair(params0, hparams, "params0")
@@ -438,7 +430,8 @@ def sid(
     name = "inner_loss" if inner_loss is not None else "fixed_point"
 
     # 1. inner problem
-    w = _run_inner(_inner_update(fixed_point, inner_loss, wspec, lspec), w, lam, wspec, inner, inner_steps, eta_w, name)
+    w = _run_inner(_inner_update(fixed_point, inner_loss, wspec, lspec), w, lam, wspec, inner, inner_steps, eta_w, name,
+                   "inner_step_size")
     w_tree = T.tree_unflatten(list(w), wspec)
 
     def f_at(batch: Any) -> Callable[[Leaves, Leaves], torch.Tensor]:
@@ -461,10 +454,11 @@ def sid(
         if vspec != wspec or any(not isinstance(a, torch.Tensor) or a.shape != b.shape for a, b in zip(v, w)):
             raise ValueError(f"v0 should be shaped like params0 ({T.describe(w_tree)}), got {T.describe(v0)}.")
         v = [t.detach() for t in v]
+        check_input_finite(v, "v0")
     tail = max(1, linear_steps // 2)  # residual estimate: mean over the last half
     r_sum = b_sum = None
     inner_res = torch.zeros((), dtype=w[0].dtype, device=w[0].device)
-    first_norm = last_norm = None
+    norms = []  # ‖residual‖ per step, on the device: judged once at the end
     prev_ob: Any = _NOTHING
     for k in range(linear_steps):
         zb, ob = inner.next(), outer.next()
@@ -477,13 +471,12 @@ def sid(
         r = T.sub(gw, op.matvec(v))
         v = T.axpy(eta_v(k), r, v)
         inner_res = inner_res + op.inner_residual
-        last_norm = T.norm(r)
-        if k == 0:
-            first_norm = last_norm
+        norms.append(T.norm(r))
         if k >= linear_steps - tail:
             r_sum = r if r_sum is None else T.add(r_sum, r)
             b_sum = gw if b_sum is None else T.add(b_sum, gw)
-    _check_diverged(v, first_norm, last_norm, "the stochastic iterations on the linear system")
+    check_not_diverging(norms, v, "the stochastic iterations on the linear system",
+                        _advice(name, "linear_step_size", linear=True))
 
     # 3. λ-part, averaged over hparam_batches fresh batch pairs
     hg = T.zeros_like(lam)
@@ -495,8 +488,7 @@ def sid(
         hg = T.add(hg, T.add(gl, operator(zb).cross(v)))
         fsum = fsum + fval.detach()
     hg = T.scale(1.0 / hparam_batches, hg)
-    if not all(bool(torch.isfinite(t).all()) for t in hg):
-        raise SolverError("NaN or Inf in the stochastic hypergradient: check the losses and the data for NaN/Inf.")
+    check_finite(hg, "the stochastic hypergradient")  # every vmap row
 
     out = T.tree_unflatten([t.detach() for t in hg], lspec)
     if not return_info:
