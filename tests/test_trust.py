@@ -337,3 +337,12 @@ def test_solve_info_under_vmap_is_per_task():
     x, info = torch.func.vmap(lambda b: bl.solve(lambda v: A @ v, b, bl.CG()))(b)
     assert info.converged.shape == (4,) and bool(info.converged.all())
     assert _rel(x, b / torch.tensor([1.0, 2.0, 3.0], dtype=F64)) < 1e-12
+
+
+def test_inner_solvers_under_torch_compile_match_eager():
+    # compiled, lbfgs once returned a different (wrong) minimiser; now it runs eagerly
+    inner, outer, w_star, lam = _ridge()
+    w0 = torch.zeros(6, dtype=F64)
+    for solve in (bl.lbfgs, bl.newton_cg):
+        got = torch.compile(lambda h, solve=solve: solve(inner, w0, h)[0], backend="eager")(lam)
+        assert _rel(got, w_star(lam)) < 1e-6, solve.__name__

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from bilevel import _tree as T
-from bilevel._checks import item
+from bilevel._checks import eager, item
 from bilevel.linear_solve import SolveInfo, _Monitor
 
 __all__ = ["Picard", "Anderson", "FixedPointSolver", "fixed_point_solve"]
@@ -136,6 +136,7 @@ def _put(buf: torch.Tensor, slot: int, row: torch.Tensor) -> torch.Tensor:
     return torch.cat([buf[:, :slot], row[:, None], buf[:, slot + 1 :]], dim=1)
 
 
+@eager  # under torch.compile: runs eagerly (a graph break), never mis-traced
 def fixed_point_solve(
     fn: Callable[[Any], Any],
     z0: Any,

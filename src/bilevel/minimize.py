@@ -27,7 +27,7 @@ import torch
 from torch.func import grad_and_value, vjp
 
 from bilevel import _tree as T
-from bilevel._checks import SolverError, check_autograd, check_input_finite, item, leaves, scalar
+from bilevel._checks import SolverError, check_autograd, check_input_finite, eager, item, leaves, scalar
 from bilevel.ift import (
     _fresh_leaves,
     _grads,
@@ -96,6 +96,7 @@ def _gradient_and_hvp(
     return fval, list(gw), lambda v: list(hvp(v)[0])
 
 
+@eager  # under torch.compile: runs eagerly (a graph break), never mis-traced
 def newton_cg(
     inner_loss: Callable[[Any, Any], torch.Tensor],
     params0: Any,
@@ -174,6 +175,7 @@ def _value_and_grad(loss: Callable[[Leaves], torch.Tensor], plain: bool) -> Call
     return eager
 
 
+@eager  # under torch.compile: runs eagerly (a graph break), never mis-traced
 def lbfgs(
     inner_loss: Callable[[Any, Any], torch.Tensor],
     params0: Any,

@@ -45,6 +45,7 @@ from bilevel._checks import (
     check_reached,
     check_shaped_like,
     check_tol,
+    eager,
     item,
     prepare_pair,
     scalar,
@@ -70,6 +71,7 @@ Leaves = list[torch.Tensor]
 # ----------------------------------------------------------------------------- deterministic
 
 
+@eager  # under torch.compile: runs eagerly (a graph break), never mis-traced
 def fista(
     fixed_point: ProximalGradient,
     params0: Any,
@@ -243,6 +245,7 @@ def proximal_gradient_composite(
     return CompositeMap(inner, lambda u, hparams: prox(u, hparams, step))
 
 
+@eager  # under torch.compile: runs eagerly (a graph break), never mis-traced
 def stochastic_proximal_gradient(
     params0: Any,
     hparams: Any,
@@ -308,6 +311,7 @@ class NSIDInfo:
     v: Any
 
 
+@eager  # under torch.compile: runs eagerly (a graph break), never mis-traced
 def nsid(
     outer_loss: Callable[[Any, Any], torch.Tensor],
     params: Any,

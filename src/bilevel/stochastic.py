@@ -65,6 +65,7 @@ from bilevel._checks import (
     check_one_form,
     check_positive,
     check_shaped_like,
+    eager,
     item,
     prepare_pair,
     scalar,
@@ -343,6 +344,7 @@ def _run_inner(
     return w
 
 
+@eager  # under torch.compile: runs eagerly (a graph break), never mis-traced
 @torch.no_grad()  # torch.func transforms inside still differentiate; no graph to captured tensors
 def stochastic_fixed_point(
     params0: Any,
@@ -376,6 +378,7 @@ def stochastic_fixed_point(
     return T.tree_unflatten(w, wspec)
 
 
+@eager  # under torch.compile: runs eagerly (a graph break), never mis-traced
 @torch.no_grad()  # torch.func transforms inside still differentiate; no graph to captured tensors
 def sid(
     outer_loss: Callable[[Any, Any, Any], torch.Tensor],
