@@ -19,7 +19,7 @@ import functools
 import math
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -408,6 +408,38 @@ def nested_forward_mode() -> bool:
 # and over the second quarter) that :func:`check_not_diverging` reads as divergence, and the
 # fewest steps for which it reads the trend at all: with fewer than 8 steps per quarter,
 # sampling noise alone makes a ×4 growth too likely.
+def check_residual_trend(name: str, history: list[torch.Tensor], thresh: torch.Tensor, step: float) -> None:
+    """Raise for a deterministic Richardson iteration that is not contracting (its exact
+    residuals ``history``, 0-d tensors, per-row under vmap; ``thresh`` the tolerance).
+
+    A slow divergence (spectral radius of I − step·A just above 1) stays far below the
+    blow-up threshold for many iterations; read it from the residuals at exit: a row that
+    missed its tolerance and grew through the whole second half of the run (or ends above
+    where it started) is not contracting.  A contraction's transient growth (non-normal A)
+    is a hump early on, not a rise that is still going at the end."""
+    if len(history) < 8:
+        return
+    h = torch.stack([values(t).detach().reshape(-1) for t in history])  # (k+1, rows)
+    n = h.shape[0]
+    first, mid, q3, last = h[0], h[n // 2], h[(3 * n) // 4], h[-1]
+    missed = last > values(thresh).reshape(-1)
+    growing = missed & (((last > q3) & (q3 > mid)) | (last > first)) & (last > mid)
+    if bool(growing.any()):
+        i = int(torch.argmax(torch.where(growing, last / mid.clamp(min=1e-300), 0 * last)))
+        not_contraction(name, float(h[:, i].min()), float(last[i]), n - 1, step)
+
+
+def not_contraction(name: str, start: float, end: float, k: int, step: float) -> NoReturn:
+    """The error for a Richardson / Neumann iteration whose residual grew."""
+    raise NotContractionError(
+        f"{name} diverged: the residual grew from {start:.3g} to {end:.3g} within {k} "
+        f"iterations, so the iteration map is not a contraction (spectral radius of "
+        f"I − step·A ≥ 1, step={step:g}). For an inner_loss lower `step` (it needs "
+        f"step < 2/λ_max(Hessian)) or use CG(); for a fixed_point that is not a contraction "
+        f"use GMRES() or NormalCG()."
+    )
+
+
 TREND_GROWTH = 4.0
 TREND_MIN_STEPS = 32
 

@@ -31,12 +31,14 @@ from bilevel._checks import (
     check_count,
     check_finite,
     check_positive,
+    check_residual_trend,
     check_tol,
     checked_output,
     eager,
     is_batched,
     item,
     no_transform,
+    not_contraction,
     values,
     worst,
 )
@@ -278,37 +280,9 @@ def _richardson(matvec: MatVec, b: Leaves, x: Leaves | None, step: float, maxite
         history.append(res)
         k += 1
         if not (k % mon.every) and not bool(values(torch.isfinite(res) & (res <= DIVERGENCE_FACTOR * start)).all()):
-            _not_contraction(name, worst(start), worst(res), k, step)
-    _check_trend(name, history, mon, step)
+            not_contraction(name, worst(start), worst(res), k, step)
+    check_residual_trend(name, history, mon.thresh, step)
     return x, k, _relative(res, bnorm), None
-
-
-def _check_trend(name: str, history: list[torch.Tensor], mon: _Monitor, step: float) -> None:
-    """A slow divergence (spectral radius of I − step·A just above 1) stays far below the
-    blow-up threshold for many iterations; read it from the residuals at exit: a row that
-    missed its tolerance and grew through the whole second half of the run (or ends above
-    where it started) is not contracting.  A contraction's transient growth (non-normal A)
-    is a hump early on, not a rise that is still going at the end."""
-    if len(history) < 8:
-        return
-    h = torch.stack([values(t).detach().reshape(-1) for t in history])  # (k+1, rows)
-    n = h.shape[0]
-    first, mid, q3, last = h[0], h[n // 2], h[(3 * n) // 4], h[-1]
-    missed = last > values(mon.thresh).reshape(-1)
-    growing = missed & (((last > q3) & (q3 > mid)) | (last > first)) & (last > mid)
-    if bool(growing.any()):
-        i = int(torch.argmax(torch.where(growing, last / mid.clamp(min=1e-300), 0 * last)))
-        _not_contraction(name, float(h[:, i].min()), float(last[i]), n - 1, step)
-
-
-def _not_contraction(name: str, start: float, end: float, k: int, step: float) -> None:
-    raise NotContractionError(
-        f"{name} diverged: the residual grew from {start:.3g} to {end:.3g} within {k} "
-        f"iterations, so the iteration map is not a contraction (spectral radius of "
-        f"I − step·A ≥ 1, step={step:g}). For an inner_loss lower `step` (it needs "
-        f"step < 2/λ_max(Hessian)) or use CG(); for a fixed_point that is not a contraction "
-        f"use GMRES() or NormalCG()."
-    )
 
 
 def _records_graph(leaves: Leaves) -> bool:
