@@ -15,6 +15,7 @@ row exactly as a loop over the tasks would be, never skipped.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import warnings
@@ -22,6 +23,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 import torch
+from torch.utils._pytree import register_pytree_node
 
 try:  # private functorch hooks: which transforms are active, and the data behind a wrapper
     from torch._C import _functorch as _ft
@@ -131,6 +133,23 @@ def eager(fn: Callable[..., Any]) -> Callable[..., Any]:
         return body(*args, **kwargs)
 
     return wrapper
+
+
+def info_pytree(cls: type, static: tuple[str, ...]) -> type:
+    """Register a frozen info dataclass as a pytree node, so that a function under
+    ``torch.func.vmap`` can return it (``return_info=True``): the per-task numbers are
+    leaves, the ``static`` fields (a solver's name, an iteration count) the context."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    dynamic = [n for n in names if n not in static]
+
+    def flatten(info: Any) -> tuple[list[Any], tuple[Any, ...]]:
+        return [getattr(info, n) for n in dynamic], tuple(getattr(info, n) for n in static)
+
+    def unflatten(leaves_: Any, context: tuple[Any, ...]) -> Any:
+        return cls(**dict(zip(dynamic, leaves_)), **dict(zip(static, context)))
+
+    register_pytree_node(cls, flatten, unflatten, serialized_type_name=f"bilevel.{cls.__name__}")
+    return cls
 
 
 # ----------------------------------------------------------------------------- options

@@ -36,6 +36,7 @@ from bilevel._checks import (
     check_input_finite,
     check_shaped_like,
     converged_all,
+    info_pytree,
     item,
     leaves_pair,
     nested_forward_mode,
@@ -63,6 +64,7 @@ Leaves = list[torch.Tensor]
 _OUTPUT = object()  # marks an aux leaf that is a tensor output of the autograd.Function
 
 
+@functools.partial(info_pytree, static=("solver", "iterations"))  # returnable under vmap
 @dataclass(frozen=True)
 class ImplicitInfo:
     """What one backward pass of an :func:`implicit` solver did.

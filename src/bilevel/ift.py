@@ -19,11 +19,11 @@ import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
 from torch.func import grad, jvp, vjp
-from torch.utils._pytree import register_pytree_node
 
 from bilevel import _tree as T
 from bilevel._checks import (
@@ -39,6 +39,7 @@ from bilevel._checks import (
     differentiable,
     eager,
     explain_inference,
+    info_pytree,
     item,
     leaves_pair,
     no_transform,
@@ -53,6 +54,7 @@ __all__ = ["hypergrad", "HypergradInfo", "ImplicitOperator", "implicit_operator"
 Leaves = list[torch.Tensor]
 
 
+@partial(info_pytree, static=("solver", "iterations"))  # returnable under vmap
 @dataclass(frozen=True)
 class HypergradInfo:
     """What :func:`hypergrad` did.
@@ -71,16 +73,6 @@ class HypergradInfo:
     inner_residual: float | torch.Tensor
     outer_loss: float | torch.Tensor
     v: Any
-
-
-# a pytree node, so that a function under torch.func.vmap can return it (return_info=True):
-# the per-task numbers are leaves, the solver's name and iteration count are static
-register_pytree_node(
-    HypergradInfo,
-    lambda i: ([i.residual, i.converged, i.inner_residual, i.outer_loss, i.v], (i.solver, i.iterations)),
-    lambda leaves, ctx: HypergradInfo(ctx[0], ctx[1], *leaves),
-    serialized_type_name="bilevel.HypergradInfo",
-)
 
 
 @dataclass(frozen=True)

@@ -16,10 +16,10 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
-from torch.utils._pytree import register_pytree_node
 
 from bilevel import _tree as T
 from bilevel._checks import (
@@ -35,6 +35,7 @@ from bilevel._checks import (
     check_tol,
     checked_output,
     eager,
+    info_pytree,
     is_batched,
     item,
     no_transform,
@@ -170,6 +171,7 @@ def check_solver(solver: Any) -> None:
         raise TypeError(f"solver should be one of {names}; got {solver!r}.")
 
 
+@partial(info_pytree, static=("solver", "iterations"))  # returnable under vmap
 @dataclass(frozen=True)
 class SolveInfo:
     """What a solve did.
@@ -187,15 +189,6 @@ class SolveInfo:
     residual: float | torch.Tensor
     converged: bool | torch.Tensor
 
-
-# a pytree node, so that a function under torch.func.vmap can return it: the per-task
-# residual and flag are leaves, the solver's name and iteration count static
-register_pytree_node(
-    SolveInfo,
-    lambda i: ([i.residual, i.converged], (i.solver, i.iterations)),
-    lambda leaves, ctx: SolveInfo(ctx[0], ctx[1], *leaves),
-    serialized_type_name="bilevel.SolveInfo",
-)
 
 Leaves = list[torch.Tensor]
 MatVec = Callable[[Leaves], Leaves]

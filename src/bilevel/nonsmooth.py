@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -46,6 +47,7 @@ from bilevel._checks import (
     check_shaped_like,
     check_tol,
     eager,
+    info_pytree,
     item,
     prepare_pair,
     scalar,
@@ -292,6 +294,7 @@ def stochastic_proximal_gradient(
     return T.tree_unflatten(w, wspec)
 
 
+@partial(info_pytree, static=("steps", "samples", "q"))  # returnable under vmap
 @dataclass(frozen=True)
 class NSIDInfo:
     """What :func:`nsid` did.

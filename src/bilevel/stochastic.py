@@ -49,6 +49,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -66,6 +67,7 @@ from bilevel._checks import (
     check_positive,
     check_shaped_like,
     eager,
+    info_pytree,
     item,
     prepare_pair,
     scalar,
@@ -251,6 +253,7 @@ def _explain_batch(name: str, batch: Any, params: Any, first: bool):
         ) from err
 
 
+@partial(info_pytree, static=("samples",))  # returnable under vmap
 @dataclass(frozen=True)
 class SIDInfo:
     """What :func:`sid` did.
