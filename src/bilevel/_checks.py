@@ -318,6 +318,22 @@ def check_reached(hg: Leaves, lspec: Any, find_unused: Callable[[], list[int]]) 
         )
 
 
+def unreached(outputs: Callable[[Leaves], Sequence[Any]], lam: Sequence[torch.Tensor]) -> list[int]:
+    """Indices of the ``hparams`` leaves with no autograd path to any tensor of
+    ``outputs(ll)`` (called on fresh leaves ``ll`` that require grad; it builds what the
+    hyperparameters may reach: the outer loss, ∇_w g, Φ, a step).  Feeds :func:`check_reached`."""
+    try:
+        with torch.enable_grad():
+            ll = [t.detach().requires_grad_() for t in lam]
+            outs = [o for o in outputs(ll) if isinstance(o, torch.Tensor) and o.requires_grad]
+            if not outs:
+                return list(range(len(ll)))
+            grads = torch.autograd.grad(sum(o.sum() for o in outs), ll, allow_unused=True)
+        return [i for i, d in enumerate(grads) if d is None]
+    except RuntimeError:  # inside another transform: do not guess
+        return []
+
+
 def trend(history: Sequence[float]) -> float:
     """Average growth factor per iteration of a residual history over its second half
     (> 1: growing, = 1: stagnating, < 1: contracting)."""

@@ -44,6 +44,7 @@ from bilevel._checks import (
     leaves_pair,
     no_transform,
     scalar,
+    unreached,
     values,
     worst,
 )
@@ -406,23 +407,13 @@ def _check_inner(op: ImplicitOperator, w: Leaves, optimality: bool, inner_tol: f
 
 def _unused_hparams(f, inner_loss, fixed_point, w, lam, wspec, lspec) -> list[int]:
     """Indices of hparams leaves with no autograd path to f or to the inner optimality map."""
-    try:
-        with torch.enable_grad():
-            wl = [t.detach().requires_grad_() for t in w]
-            ll = [t.detach().requires_grad_() for t in lam]
-            outs = [f(wl, ll)]
-            if inner_loss is not None:
-                gval = _tree_fn(inner_loss, wspec, lspec)(wl, ll)
-                outs += [
-                    d for d in torch.autograd.grad(gval, wl, create_graph=True, allow_unused=True)
-                    if d is not None
-                ]
-            else:
-                outs += T.tree_flatten(_tree_fn(fixed_point, wspec, lspec)(wl, ll))[0]
-            total = sum(o.sum() for o in outs if o.requires_grad)
-            if not isinstance(total, torch.Tensor):
-                return list(range(len(lam)))
-            grads = torch.autograd.grad(total, ll, allow_unused=True)
-        return [i for i, d in enumerate(grads) if d is None]
-    except RuntimeError:  # inside another transform: do not guess
-        return []
+
+    def reached(ll: Leaves) -> list[Any]:
+        wl = [t.detach().requires_grad_() for t in w]
+        outs = [f(wl, ll)]
+        if inner_loss is not None:
+            gval = _tree_fn(inner_loss, wspec, lspec)(wl, ll)
+            return outs + list(torch.autograd.grad(gval, wl, create_graph=True, allow_unused=True))
+        return outs + T.tree_flatten(_tree_fn(fixed_point, wspec, lspec)(wl, ll))[0]
+
+    return unreached(reached, lam)

@@ -51,6 +51,7 @@ from bilevel._checks import (
     item,
     prepare_pair,
     scalar,
+    unreached,
     warn_unconverged,
 )
 from bilevel.ift import _tree_fn
@@ -457,17 +458,10 @@ def _jacobian_norm(phi: Callable[[Leaves], Leaves], w: Leaves, iters: int = 30) 
 
 def _unused(f, fixed_point: CompositeMap, w, lam, wspec, lspec, mean_batch) -> list[int]:
     """hparams leaves with no autograd path to f or to G(T̂(w, λ, mean_batch), λ)."""
-    try:
-        with torch.enable_grad():
-            ll = [t.detach().requires_grad_() for t in lam]
-            wl = [t.detach() for t in w]
-            outs = [f(wl, ll)]
-            p, h = T.tree_unflatten(wl, wspec), T.tree_unflatten(ll, lspec)
-            outs += T.tree_flatten(fixed_point(p, h, mean_batch))[0]
-            total = sum(o.sum() for o in outs if isinstance(o, torch.Tensor) and o.requires_grad)
-            if not isinstance(total, torch.Tensor):
-                return list(range(len(lam)))
-            grads = torch.autograd.grad(total, ll, allow_unused=True)
-        return [i for i, d in enumerate(grads) if d is None]
-    except RuntimeError:
-        return []
+
+    def reached(ll: Leaves) -> list[Any]:
+        wl = [t.detach() for t in w]
+        return [f(wl, ll), *T.tree_flatten(fixed_point(T.tree_unflatten(wl, wspec), T.tree_unflatten(ll, lspec),
+                                                         mean_batch))[0]]
+
+    return unreached(reached, lam)
