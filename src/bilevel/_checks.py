@@ -373,12 +373,14 @@ def checked_output(
         if not state["checked"]:
             state["checked"] = True
             if len(out) != len(like) or any(
-                not isinstance(o, torch.Tensor) or o.shape != c.shape for o, c in zip(out, like)
+                not isinstance(o, torch.Tensor) or o.shape != c.shape or o.dtype != c.dtype for o, c in zip(out, like)
             ):
                 raise ValueError(
                     f"{name} should return a pytree shaped like rhs, its input ({len(like)} leaves "
                     f"{[tuple(c.shape) for c in like]}), got "
-                    f"{[tuple(o.shape) if isinstance(o, torch.Tensor) else type(o).__name__ for o in out]}."
+                    f"{[tuple(o.shape) if isinstance(o, torch.Tensor) else type(o).__name__ for o in out]}"
+                    f" (dtypes should be {sorted({str(c.dtype) for c in like})}, got "
+                    f"{sorted({str(o.dtype) for o in out if isinstance(o, torch.Tensor)})})."
                 )
         return out
 
@@ -459,6 +461,10 @@ def check_residual_trend(name: str, history: list[torch.Tensor], thresh: torch.T
     first, mid, q3, last = h[0], h[n // 2], h[(3 * n) // 4], h[-1]
     missed = last > values(thresh).reshape(-1)
     growing = missed & (((last > q3) & (q3 > mid)) | (last > first)) & (last > mid)
+    # stagnation: no measurable contraction over the second half (rate ≥ 1 − 1e-4 per step,
+    # e.g. an eigenvalue of modulus 1): the sum never converges, whatever maxiter
+    stalled = missed & (last >= mid * (1 - 1e-4) ** (n - 1 - n // 2))
+    growing = growing | stalled
     if bool(growing.any()):
         i = int(torch.argmax(torch.where(growing, last / mid.clamp(min=1e-300), 0 * last)))
         not_contraction(name, float(h[:, i].min()), float(last[i]), n - 1, step)
@@ -467,8 +473,8 @@ def check_residual_trend(name: str, history: list[torch.Tensor], thresh: torch.T
 def not_contraction(name: str, start: float, end: float, k: int, step: float) -> NoReturn:
     """The error for a Richardson / Neumann iteration whose residual grew."""
     raise NotContractionError(
-        f"{name} diverged: the residual grew from {start:.3g} to {end:.3g} within {k} "
-        f"iterations, so the iteration map is not a contraction (spectral radius of "
+        f"{name} diverged or stagnated: the residual went from {start:.3g} to {end:.3g} "
+        f"within {k} iterations, so the iteration map is not a contraction (spectral radius of "
         f"I − step·A ≥ 1, step={step:g}). For an inner_loss lower `step` (it needs "
         f"step < 2/λ_max(Hessian)) or use CG(); for a fixed_point that is not a contraction "
         f"use GMRES() or NormalCG()."
@@ -539,3 +545,57 @@ def check_one_form(inner_loss: Any, fixed_point: Any) -> None:
             "pass exactly one of fixed_point= (the fixed-point form w = Φ(w, λ), or E Φ̂(w, λ, batch)) "
             "or inner_loss= (the optimality form ∇_w g(w, λ) = 0, or ∇_w E ĝ(w, λ, batch) = 0)."
         )
+
+
+# ----------------------------------------------------------------------------- nonlinear fixed points
+
+# Growth (in log, per quarter of the run) below which a rising residual counts as flat: the
+# rounding-level jitter of a converged iteration must not read as a rise.
+RISE_MARGIN = 1e-2
+
+
+def check_not_growing(history: Sequence[torch.Tensor], missed: torch.Tensor, what: str, fix: str) -> None:
+    """Raise :class:`NotContractionError` for a nonlinear fixed-point iteration (Picard,
+    Anderson) that missed its tolerance while its ABSOLUTE residual ``‖f(z) − z‖`` grew.
+
+    ``history``: the absolute residual of every evaluation, each a ``(rows,)`` tensor (one
+    entry per problem of a batch; per vmap row too), best kept at or above the rounding
+    level of ``‖f(z)‖``; ``missed``: ``(rows,)`` bools, the rows that stopped above their
+    tolerance.  (The relative residual ``‖f(z) − z‖/‖f(z)‖`` is no guide: for ``z ↦ 2z + 1``
+    it stagnates at 0.5 while ``z`` blows up.)  A missed row is divergent when
+
+    * its last residual is ``DIVERGENCE_FACTOR`` times its first (a blow-up), or
+    * with at least 8 evaluations, it is still rising through the second half of the run:
+      the mean of ``log‖f(z) − z‖`` over the quarters of the run increases from the second
+      to the third to the fourth quarter (by more than ``RISE_MARGIN`` in all), and the last
+      quarter lies above the first (the iteration ends further from a fixed point than it
+      started).
+
+    A slow honest contraction (a residual that decreases, however slowly) never qualifies:
+    it only warns (:func:`check_converged`).  ``fix`` ends the message."""
+    if not history:
+        return
+    h = torch.stack([t.detach() for t in history])  # (evaluations, rows)
+    n = h.shape[0]
+    blow = h[-1] > DIVERGENCE_FACTOR * h[0]
+    how = torch.zeros_like(blow)
+    bad = blow
+    if n >= 8:
+        q = n // 4
+        logs = torch.log(h)
+        m1, m2, m3, m4 = (logs[:q].mean(0), logs[q : 2 * q].mean(0), logs[2 * q : 3 * q].mean(0),
+                          logs[n - q :].mean(0))
+        rising = (m3 > m2) & (m4 > m3) & (m4 - m2 > RISE_MARGIN) & (m4 > m1)
+        how = rising & ~blow
+        bad = bad | rising
+    bad = bad & missed
+    if not bool(values(bad).any()):
+        return
+    zero = torch.zeros_like(h[0])
+    start, end = worst(torch.where(bad, h[0], zero)), worst(torch.where(bad, h[-1], zero))
+    kind = ("and was still rising through the second half of the run" if bool(values(how & bad).any())
+            else f"(a blow-up: more than ×{DIVERGENCE_FACTOR:.0e})")
+    raise NotContractionError(
+        f"{what} diverged: the residual ‖f(z) − z‖ grew from {start:.3g} to {end:.3g} over {n} "
+        f"evaluations {kind}, so f is not a contraction near the iterates. {fix}"
+    )

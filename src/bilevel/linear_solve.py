@@ -23,7 +23,6 @@ import torch
 
 from bilevel import _tree as T
 from bilevel._checks import (
-    DIVERGENCE_FACTOR,
     NotContractionError,
     SingularSystemError,
     SolverError,
@@ -264,18 +263,26 @@ def _richardson(matvec: MatVec, b: Leaves, x: Leaves | None, step: float, maxite
         r = T.sub(b, matvec(x))
     res = T.norm(r)
     start = torch.maximum(res, bnorm)
+    # a contraction's residual can grow transiently (non-normal A), but once it has grown by
+    # 1/(100·eps) the iterates cancel away every digit: no answer can be trusted any more
+    blowup = 0.01 / torch.finfo(res.dtype).eps
+    anorm = torch.zeros_like(res)  # ‖A(x_k − x_{k−1})‖ / ‖x_k − x_{k−1}‖, a lower bound of ‖A‖
     history = [res]
     k = 0
     while not mon.done(k, res) and k < maxiter:
         x = T.axpy(mon.freeze(res, torch.tensor(step, dtype=res.dtype)) if mon.batched else step, r, x)
-        r = T.sub(b, matvec(x))
+        r_old, r = r, T.sub(b, matvec(x))
+        anorm = torch.maximum(anorm, _safe_div(T.norm(T.sub(r_old, r)), step * res))
         res = T.norm(r)
         history.append(res)
         k += 1
-        if not (k % mon.every) and not bool(values(torch.isfinite(res) & (res <= DIVERGENCE_FACTOR * start)).all()):
-            not_contraction(name, worst(start), worst(res), k, step)
-    check_residual_trend(name, history, mon.thresh, step)
-    return x, k, _relative(res, bnorm), None
+        if not (k % mon.every):
+            check_finite([res], f"the residual of {name}")
+            if bool(values(res > blowup * start).any()):
+                not_contraction(name, worst(start), worst(res), k, step)
+    floor = 64 * torch.finfo(res.dtype).eps * (anorm * T.norm(x) + bnorm)
+    check_residual_trend(name, history, torch.maximum(mon.thresh, floor), step)
+    return x, k, _relative(res, bnorm), None, anorm
 
 
 def _records_graph(leaves: Leaves) -> bool:
@@ -323,7 +330,7 @@ def _cg(matvec: MatVec, b: Leaves, x: Leaves | None, maxiter: int, tol: float, p
         # convergence <p, Ap> is rounding noise and may be <= 0 on a positive definite A
         live = rr > noise
         if bool(values(live & (pap <= _BREAKDOWN * eps * pp * anorm)).any()):
-            _cg_failed(pap, pp, anorm, live, rr, bnorm)
+            _cg_failed(pap, pp, T.vdot(ap, ap), anorm, live, rr, bnorm)
         if precond is not None and bool(values((rho <= 0) & live).any()):
             raise SolverError(_PRECOND_NOT_SPD)
         alpha = mon.freeze(rr.sqrt(), _safe_div(rho, pap))
@@ -335,14 +342,16 @@ def _cg(matvec: MatVec, b: Leaves, x: Leaves | None, maxiter: int, tol: float, p
         p = T.axpy(_safe_div(rho_new, rho), p, z)
         rho = rho_new
         k += 1
-    return x, k, _relative(rr.sqrt(), bnorm), None
+    return x, k, _relative(rr.sqrt(), bnorm), None, anorm
 
 
-def _cg_failed(pap: Any, pp: Any, anorm: Any, live: Any, rr: Any, bnorm: Any) -> None:
-    """<p, A p> ≈ 0 (singular A: SingularSystemError) or < 0 (indefinite A: SolverError)."""
+def _cg_failed(pap: Any, pp: Any, apap: Any, anorm: Any, live: Any, rr: Any, bnorm: Any) -> None:
+    """<p, A p> ≈ 0 with A p ≈ 0 too: p lies in the null space (singular A:
+    SingularSystemError); otherwise A is not positive definite (SolverError)."""
     eps = torch.finfo(torch.as_tensor(bnorm).dtype).eps
-    neg = values(torch.as_tensor(pap) < -_BREAKDOWN * eps * torch.as_tensor(pp) * torch.as_tensor(anorm))
-    if bool((neg & values(torch.as_tensor(live))).any()):
+    pap, pp, apap, anorm = (torch.as_tensor(t) for t in (pap, pp, apap, anorm))
+    null = apap <= _BREAKDOWN * eps * anorm**2 * pp
+    if bool((~values(null) & values(torch.as_tensor(live))).any()):
         raise SolverError(_CG_CURVATURE)
     res = worst(torch.as_tensor(rr).sqrt() / torch.as_tensor(bnorm))
     raise SingularSystemError(_SINGULAR.format(name="CG", res=res))
@@ -374,7 +383,7 @@ def _cg_host(
         pap, pp = T.vdot(p, ap).item(), T.vdot(p, p).item()
         anorm = max(anorm, pap / pp if pp > 0 else 0.0)
         if rr > noise and pap <= _BREAKDOWN * eps * pp * anorm:  # rounding-level curvature does not count
-            _cg_failed(pap, pp, anorm, True, rr, bnorm)
+            _cg_failed(pap, pp, T.vdot(ap, ap).item(), anorm, True, rr, bnorm)
         alpha = rho / pap if pap != 0 else 0.0
         x = T.axpy(alpha, p, x)
         r = T.axpy(-alpha, ap, r)
@@ -385,7 +394,7 @@ def _cg_host(
         rho = rho_new
         k += 1
     res = math.sqrt(rr) / bnorm if bnorm > 0 else math.sqrt(rr)
-    return x, k, torch.tensor(res, dtype=b[0].real.dtype), None
+    return x, k, torch.tensor(res, dtype=b[0].real.dtype), None, torch.tensor(anorm, dtype=b[0].real.dtype)
 
 
 def _minres(matvec: MatVec, b: Leaves, x: Leaves | None, maxiter: int, tol: float):
@@ -417,7 +426,7 @@ def _minres(matvec: MatVec, b: Leaves, x: Leaves | None, maxiter: int, tol: floa
         y = T.axpy(-_safe_div(alfa, beta), r2, y)
         r1, r2 = r2, y
         oldb, beta = beta, T.norm(y)
-        anorm = torch.maximum(anorm, torch.maximum(alfa.abs(), torch.maximum(beta, oldb)))
+        anorm = torch.maximum(anorm, torch.maximum(alfa.abs(), beta))  # entries of the tridiagonal T_k
         oldeps = epsln
         delta = cs * dbar + sn * alfa
         gbar = sn * dbar - cs * alfa
@@ -436,7 +445,7 @@ def _minres(matvec: MatVec, b: Leaves, x: Leaves | None, maxiter: int, tol: floa
         x = T.axpy(phi, w, x)
         broke = broke | (beta <= _BREAKDOWN * eps * anorm)
         k += 1
-    return x, k, _relative(phibar.abs(), bnorm), broke
+    return x, k, _relative(phibar.abs(), bnorm), broke, anorm
 
 
 def _gmres(matvec: MatVec, b: Leaves, x: Leaves | None, maxiter: int, tol: float, restart: int):
@@ -454,6 +463,7 @@ def _gmres(matvec: MatVec, b: Leaves, x: Leaves | None, maxiter: int, tol: float
         r = T.sub(b, matvec(x))
     res = T.norm(r)
     broke = torch.zeros((), dtype=torch.bool, device=bnorm.device) | (res == 0)
+    anorm = torch.zeros_like(bnorm)
     k = 0
     while not mon.done(k, res) and k < maxiter and not bool(values(broke).all()):
         beta = res
@@ -465,6 +475,7 @@ def _gmres(matvec: MatVec, b: Leaves, x: Leaves | None, maxiter: int, tol: float
         for _ in range(min(restart, maxiter - k)):
             w = matvec(basis[-1])
             wnorm = T.norm(w)
+            anorm = torch.maximum(anorm, wnorm)  # ‖A v‖, ‖v‖ = 1
             h = []
             for v in basis:
                 hij = T.vdot(w, v)
@@ -506,7 +517,7 @@ def _gmres(matvec: MatVec, b: Leaves, x: Leaves | None, maxiter: int, tol: float
             x = T.axpy(coef[i], basis[i], x)
         r = T.sub(b, matvec(x))  # restart (or finish) from the true residual
         res = T.norm(r)
-    return x, k, _relative(res, bnorm), broke
+    return x, k, _relative(res, bnorm), broke, anorm
 
 
 def _normal_cg(matvec: MatVec, rmatvec: MatVec, b: Leaves, x: Leaves | None, maxiter: int, tol: float):
@@ -525,7 +536,9 @@ def _normal_cg(matvec: MatVec, rmatvec: MatVec, b: Leaves, x: Leaves | None, max
     k = 0
     while not mon.done(k, res) and k < maxiter:
         w = matvec(p)
-        alpha = mon.freeze(res, _safe_div(zz, T.vdot(w, w)))
+        ww = T.vdot(w, w)
+        scale = torch.maximum(scale, _safe_div(ww, T.vdot(p, p)).sqrt())  # ‖A p‖/‖p‖ ≤ ‖A‖
+        alpha = mon.freeze(res, _safe_div(zz, ww))
         x = T.axpy(alpha, p, x)
         r = T.axpy(-alpha, w, r)
         z = rmatvec(r)
@@ -535,7 +548,7 @@ def _normal_cg(matvec: MatVec, rmatvec: MatVec, b: Leaves, x: Leaves | None, max
         res = T.norm(r)
         k += 1
     broke = zz.sqrt() <= math.sqrt(torch.finfo(bnorm.dtype).eps) * scale * res
-    return x, k, _relative(res, bnorm), broke
+    return x, k, _relative(res, bnorm), broke, scale
 
 
 def _dense(matvec: MatVec, b: Leaves):
@@ -550,25 +563,33 @@ def _dense(matvec: MatVec, b: Leaves):
         cols = [torch.stack([p[j] for p in per]) for j in range(len(b))]
     mat = torch.cat([c.reshape(n, -1) for c in cols], dim=1).T  # column i = A e_i
     bflat = torch.cat([t.reshape(-1) for t in b])
+    check_finite([mat], "the materialised matrix of the linear system (Dense)")
     try:
         sol = torch.linalg.solve(mat, bflat)
-    except RuntimeError as err:  # torch.linalg.LinAlgError: exactly singular
-        raise SingularSystemError(_SINGULAR.format(name="Dense", res=1.0)) from err
+    except torch.linalg.LinAlgError:  # exactly singular: the minimum-norm least-squares solution
+        sol = torch.linalg.pinv(mat) @ bflat
     x = [s.reshape(t.shape) for s, t in zip(torch.split(sol, sizes), b)]
-    # LU solves any nonsingular system to rounding: a large residual means singular
+    # LU solves any nonsingular system to rounding: a residual above it means singular
+    # and inconsistent (checked at exit like the Krylov breakdowns)
     broke = torch.ones((), dtype=torch.bool, device=bflat.device)
-    return x, n, None, broke
+    return x, n, None, broke, torch.linalg.matrix_norm(mat, ord=2)
 
 
-def _true_residual(matvec: MatVec, b: Leaves, x: Leaves) -> tuple[torch.Tensor, torch.Tensor]:
-    """``‖b − A x‖/‖b‖`` and the rounding floor ``64·eps·(1 + ‖A x‖/‖b‖)`` below which no
-    solver can push it (one matvec, not recorded by autograd)."""
+def _true_residual(matvec: MatVec, b: Leaves, x: Leaves) -> torch.Tensor:
+    """``‖b − A x‖/‖b‖`` (one matvec, not recorded by autograd)."""
     with torch.no_grad():
         ax = matvec([t.detach() for t in x])
+        return _relative(T.norm(T.sub([t.detach() for t in b], ax)), T.norm(b).detach())
+
+
+def _floor(anorm: torch.Tensor, x: Leaves, b: Leaves) -> torch.Tensor:
+    """The relative residual ``64·eps·(‖A‖‖x‖ + ‖b‖)/‖b‖`` that rounding alone leaves to a
+    backward-stable solve (‖A‖ estimated by the solver): no solver reaches below it, so it
+    counts as converged, and a breakdown above it means a singular system."""
+    with torch.no_grad():
         bnorm = T.norm(b).detach()
-        res = _relative(T.norm(T.sub([t.detach() for t in b], ax)), bnorm)
-        floor = 64 * torch.finfo(bnorm.dtype).eps * (1 + _relative(T.norm(ax), bnorm))
-    return res, floor
+        eps = torch.finfo(bnorm.dtype).eps
+        return 64 * eps * (1 + _relative(anorm.detach() * T.norm([t.detach() for t in x]), bnorm))
 
 
 def solve_leaves(
@@ -590,31 +611,33 @@ def solve_leaves(
     name = type(solver).__name__
     if precond is not None and not isinstance(solver, CG):
         raise ValueError(f"precond is used by CG() only, not by {name}(); drop it or use CG().")
+    if b and not b[0].is_floating_point():
+        raise TypeError(f"{name}: the right-hand side should hold floating-point tensors, not {b[0].dtype}.")
     if isinstance(solver, FixedPoint):
-        x, k, res, broke = _richardson(matvec, b, init, solver.step, solver.maxiter, solver.tol, name)
+        x, k, res, broke, anorm = _richardson(matvec, b, init, solver.step, solver.maxiter, solver.tol, name)
     elif isinstance(solver, Neumann):
-        x, k, res, broke = _richardson(matvec, b, None, solver.step, solver.maxiter, solver.tol, name)
+        x, k, res, broke, anorm = _richardson(matvec, b, None, solver.step, solver.maxiter, solver.tol, name)
     elif isinstance(solver, CG):
-        x, k, res, broke = _cg(matvec, b, init, solver.maxiter, solver.tol, precond)
+        x, k, res, broke, anorm = _cg(matvec, b, init, solver.maxiter, solver.tol, precond)
     elif isinstance(solver, MINRES):
-        x, k, res, broke = _minres(matvec, b, init, solver.maxiter, solver.tol)
+        x, k, res, broke, anorm = _minres(matvec, b, init, solver.maxiter, solver.tol)
     elif isinstance(solver, GMRES):
-        x, k, res, broke = _gmres(matvec, b, init, solver.maxiter, solver.tol, solver.restart)
+        x, k, res, broke, anorm = _gmres(matvec, b, init, solver.maxiter, solver.tol, solver.restart)
     elif isinstance(solver, NormalCG):
         if rmatvec is None:
             raise ValueError(
                 "NormalCG needs rmatvec (y -> Aᵀy); pass rmatvec=..., or use GMRES(), "
                 "which needs only matvec."
             )
-        x, k, res, broke = _normal_cg(matvec, rmatvec, b, init, solver.maxiter, solver.tol)
+        x, k, res, broke, anorm = _normal_cg(matvec, rmatvec, b, init, solver.maxiter, solver.tol)
     else:
-        x, k, res, broke = _dense(matvec, b)
-    tol = getattr(solver, "tol", math.sqrt(torch.finfo(b[0].dtype).eps))
+        x, k, res, broke, anorm = _dense(matvec, b)
+    tol = getattr(solver, "tol", 0.0)
     if not isinstance(solver, (FixedPoint, Neumann)) and k > 0:  # Richardson's residual is already true
-        res, floor = _true_residual(matvec, b, x)
-    else:
-        floor = torch.zeros_like(res)
-    converged = res <= torch.clamp(floor, min=tol)
+        res = _true_residual(matvec, b, x)
+    check_finite(x, f"the solution of the linear system ({name}, {k} iterations)")
+    check_finite([res], f"the residual of the linear system ({name}, {k} iterations)")
+    converged = res <= torch.clamp(_floor(anorm, x, b), min=tol)
     if broke is not None and bool(values(broke & ~converged).any()):
         raise SingularSystemError(_SINGULAR.format(name=name, res=worst(torch.where(converged, 0 * res, res))))
     return x, SolveInfo(name, k, item(res), item(converged))
@@ -646,8 +669,8 @@ def solve(
     """
     check_solver(solver)
     b, spec = T.tree_flatten(rhs)
-    if not b or not all(isinstance(t, torch.Tensor) for t in b):
-        raise TypeError(f"rhs should be a tensor or a pytree of tensors, got {T.describe(rhs)}.")
+    if not b or not all(isinstance(t, torch.Tensor) and t.is_floating_point() for t in b):
+        raise TypeError(f"rhs should be a floating-point tensor or a pytree of them, got {T.describe(rhs)}.")
     mv = checked_output(T.flat_fn(matvec, spec), b, "matvec")
     rmv = None if rmatvec is None else checked_output(T.flat_fn(rmatvec, spec), b, "rmatvec")
     x0 = None
