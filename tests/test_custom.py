@@ -343,7 +343,7 @@ def test_not_converged_inner_solver_warns_with_residual():
         return w
 
     lam = p.hparams.clone().requires_grad_()
-    with pytest.warns(bl.ConvergenceWarning, match=r"inner_loss residual‖ = \d\.\d\de-\d\d > inner_tol"):
+    with pytest.warns(bl.ConvergenceWarning, match=r"inner_loss‖ = \d\.\d\de-\d\d > inner_tol"):
         p.outer_loss(three_steps(p.params0, lam), lam).backward()
     # converged: no warning
     good = bl.implicit(inner_loss=p.inner_loss, inner_tol=1e-8)(_inner_solver(p))

@@ -21,6 +21,7 @@ counterpart of JAXopt's ``custom_root`` (Blondel et al., NeurIPS 2022).
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,11 +33,14 @@ from torch.func import jvp as func_jvp
 from bilevel import _tree as T
 from bilevel._checks import (
     ConvergenceWarning,
+    check_converged,
     check_finite,
+    check_inner_solution,
     check_input_finite,
     check_shaped_like,
-    converged_all,
+    check_tol,
     info_pytree,
+    inner_scale,
     item,
     leaves_pair,
     nested_forward_mode,
@@ -44,8 +48,6 @@ from bilevel._checks import (
     refuse_lost_gradient,
     scalar,
     values,
-    warn_not_solution,
-    warn_unconverged,
 )
 from bilevel.ift import ImplicitOperator, check_symmetric, implicit_operator
 from bilevel.linear_solve import (
@@ -219,7 +221,7 @@ class _Implicit(torch.autograd.Function):
         check_finite(grads, "the implicit gradient")
         info = ImplicitInfo(sinfo.solver, sinfo.iterations, sinfo.residual, sinfo.converged,
                             item(op.inner_residual))
-        _warn_if_inaccurate(plan, sinfo, op.inner_residual, "implicit backward")
+        _warn_if_inaccurate(plan, sinfo, op, w, "implicit backward")
         if plan.on_backward is not None:
             plan.on_backward(info)
         arg_grads: list[torch.Tensor | None] = [None] * len(targs)
@@ -264,7 +266,7 @@ class _Implicit(torch.autograd.Function):
         rmatvec = op.matvec if isinstance(plan.solver, NormalCG) else None
         wdot, sinfo = solve_leaves(op.rmatvec, rhs, plan.solver, None, rmatvec)
         check_finite(wdot, f"the forward-mode tangent ({sinfo.solver}, {sinfo.iterations} iterations)")
-        _warn_if_inaccurate(plan, sinfo, op.inner_residual, "implicit jvp")
+        _warn_if_inaccurate(plan, sinfo, op, w, "implicit jvp")
         return (*wdot, *aux_out)
 
 
@@ -285,17 +287,12 @@ def _condition_leaves(plan: _Plan, condition: Callable[..., Any], w: Leaves) -> 
     return F
 
 
-def _warn_if_inaccurate(plan: _Plan, sinfo: SolveInfo, inner_residual: torch.Tensor, where: str) -> None:
+def _warn_if_inaccurate(plan: _Plan, sinfo: SolveInfo, op: Any, w: Leaves, where: str) -> None:
     """The trust policy's warnings, every vmap row read (one row off is enough to warn)."""
-    tol = getattr(plan.solver, "tol", 1e-8)  # Dense: the residual solve_leaves accepts
-    # tol=0 asks for exactly maxiter iterations: nothing to warn about
-    if tol > 0 and not converged_all(sinfo.converged):
-        warn_unconverged(where, sinfo.solver, sinfo.iterations, sinfo.residual, tol,
-                         "Raise the solver's maxiter, or pick another solver.")
-    if plan.inner_tol is not None:
-        warn_not_solution(where, f"‖{plan.form} residual‖", inner_residual, plan.inner_tol,
-                          "the implicit derivative assumes an exact solution. Solve the inner "
-                          "problem more accurately.")
+    check_converged(where, sinfo, getattr(plan.solver, "tol", 0.0),
+                    "Raise the solver's maxiter, or pick another solver.")
+    apply = {"inner_loss": op.matvec, "fixed_point": None, "root": op.rmatvec}[plan.form]
+    check_inner_solution(where, plan.form, op.inner_residual, lambda: inner_scale(w, apply), plan.inner_tol)
 
 
 def implicit(
@@ -375,8 +372,8 @@ def implicit(
     marked_args = _check_diff_args(diff_args)
     if not isinstance(has_aux, bool):
         raise TypeError(f"implicit: has_aux should be True or False, not {has_aux!r}.")
-    if inner_tol is not None and not (isinstance(inner_tol, (int, float)) and inner_tol >= 0):
-        raise ValueError(f"implicit: inner_tol should be None or a float >= 0, not {inner_tol!r}.")
+    if inner_tol is not None and inner_tol != math.inf:  # inf: no inner-residual warning at all
+        check_tol("implicit: inner_tol", inner_tol)
 
     def decorate(inner_solver: Callable[..., Any]) -> Callable[..., Any]:
         if not callable(inner_solver):

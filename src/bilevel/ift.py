@@ -16,7 +16,6 @@ pieces; :func:`hypergrad` puts them together.
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -27,10 +26,10 @@ from torch.func import grad, jvp, vjp
 
 from bilevel import _tree as T
 from bilevel._checks import (
-    ConvergenceWarning,
     check_autograd,
     check_converged,
     check_finite,
+    check_inner_solution,
     check_input_finite,
     check_reached,
     check_shaped_like,
@@ -40,12 +39,12 @@ from bilevel._checks import (
     eager,
     explain_inference,
     info_pytree,
+    inner_scale,
     item,
     leaves_pair,
     no_transform,
     scalar,
     unreached,
-    values,
     worst,
 )
 from bilevel.linear_solve import CG, SYMMETRIC_SOLVERS, NormalCG, Solver, check_solver, solve_leaves
@@ -258,11 +257,6 @@ def check_symmetric(solver: Solver, op: ImplicitOperator, like: Leaves, form: st
         )
 
 
-# A hypergradient at params whose relative inner residual exceeds this is suspect by default:
-# ‖∇_w g(w)‖ / ‖H w‖ (optimality form) or ‖Φ(w) − w‖ / ‖w‖ (fixed-point form) estimate
-# the relative distance of w to the inner solution, and the hypergradient's error grows
-# with it (Grazzi et al., ICML 2020, Thm. 1).  Loose enough for honest early-stopped runs.
-INNER_RELATIVE_TOL = 1e-2
 
 
 @eager  # under torch.compile: runs eagerly (a graph break), never mis-traced
@@ -329,7 +323,8 @@ def hypergrad(
     check_converged("hypergrad", sinfo, getattr(solver, "tol", 0.0),
                     "Raise the solver's maxiter, use CG() (inner_loss) "
                     "or GMRES() (fixed_point), or pass init=info.v of the previous call.")
-    _check_inner(op, w, inner_loss is not None, inner_tol)
+    check_inner_solution("hypergrad", "inner_loss" if inner_loss is not None else "fixed_point", op.inner_residual,
+                         lambda: inner_scale(w, op.matvec if inner_loss is not None else None), inner_tol)
     out = T.tree_unflatten(hg if keep_graph else [t.detach() for t in hg], lspec)
     if not return_info:
         return out
@@ -373,36 +368,6 @@ def _hypergrad(outer_loss, w, lam, wspec, lspec, inner_loss, fixed_point, solver
     check_finite(hg, "the hypergradient")
     check_reached(hg, lspec, lambda: _unused_hparams(f, inner_loss, fixed_point, w, lam, wspec, lspec))
     return hg, v, sinfo, op, fval
-
-
-def _check_inner(op: ImplicitOperator, w: Leaves, optimality: bool, inner_tol: float | None) -> None:
-    """Warn when ``params`` are clearly not an inner solution (see INNER_RELATIVE_TOL)."""
-    what = "‖∇_w inner_loss‖" if optimality else "‖fixed_point(params) − params‖"
-    res = op.inner_residual.detach()
-    if inner_tol is not None:
-        if not worst(res) <= inner_tol:
-            warnings.warn(
-                f"hypergrad: params are not an inner solution: {what} = {worst(res):.2e} > inner_tol = "
-                f"{inner_tol:.1e}, and the hypergradient assumes one. Solve the inner problem more accurately.",
-                ConvergenceWarning, stacklevel=3,
-            )
-        return
-    if not bool(values(res > 0).any()):
-        return
-    with torch.no_grad():
-        scale = T.norm(op.matvec([t.detach() for t in w])) if optimality else T.norm([t.detach() for t in w])
-        rel = worst(res / torch.clamp(scale, min=torch.finfo(res.dtype).tiny))
-    if rel > INNER_RELATIVE_TOL:
-        ref = "‖H·params‖" if optimality else "‖params‖"
-        size = (f"is {rel:.2e} of {ref} (> {INNER_RELATIVE_TOL:g})" if rel < float("inf")
-                else f"= {worst(res):.2e} while {ref} = 0")
-        warnings.warn(
-            f"hypergrad: params look far from the inner solution: {what} {size}, "
-            f"and the hypergradient assumes an exact solution, so it can be "
-            "far off. Solve the inner problem more accurately; pass inner_tol= (an absolute bound on "
-            f"{what}) to set your own threshold.",
-            ConvergenceWarning, stacklevel=3,
-        )
 
 
 def _unused_hparams(f, inner_loss, fixed_point, w, lam, wspec, lspec) -> list[int]:
