@@ -7,8 +7,9 @@ holding its options, passed to :func:`solve`.
 All iterative solvers stop when the relative residual ``‖b − A x‖ / ‖b‖ ≤ tol`` or after
 ``maxiter`` matrix–vector products.  Scalars stay on the device; the tolerance is checked
 every iteration on the CPU and every ``_CHECK_EVERY_ACCEL`` iterations on an accelerator,
-so the loop does not stall a GPU.  Under ``torch.func.vmap`` the check is data dependent
-and cannot run: the solvers then do exactly ``maxiter`` (guarded) iterations.
+so the loop does not stall a GPU.  Under ``torch.func.vmap`` the test reads every task's
+residual: the loop stops when all have converged, and a converged task stops changing.
+The reported residual is always the true one, checked at exit.
 """
 
 from __future__ import annotations
