@@ -6,7 +6,13 @@ residual ``‖f(z) − z‖ / ‖f(z)‖`` is ``≤ tol`` (for ``batched=True``:
 the batch) or after ``maxiter`` evaluations of ``f``; they return the iterate with the
 smallest residual seen, never a point whose residual was not measured.  The solve builds
 no autograd graph: differentiate the fixed point implicitly (:func:`bilevel.implicit`,
-:class:`bilevel.nn.DEQ`).  Under ``torch.func.vmap`` they run ``maxiter`` evaluations.
+:class:`bilevel.nn.DEQ`).  Under ``torch.func.vmap`` they stop once every row is within
+``tol``.
+
+Trust (:mod:`bilevel._checks`): NaN/Inf in ``f(z)`` raises :class:`~bilevel.SolverError`; an
+iteration whose absolute residual ``‖f(z) − z‖`` grows (a blow-up, or still rising through
+the second half of the run) raises :class:`~bilevel.NotContractionError`; a solve that stops
+above ``tol > 0`` warns (:class:`~bilevel.ConvergenceWarning`) with its residual.
 """
 
 from __future__ import annotations
@@ -19,17 +25,26 @@ from typing import Any
 import torch
 
 from bilevel import _tree as T
-from bilevel._checks import eager, item
+from bilevel._checks import (
+    SolverError,
+    all_finite,
+    check_converged,
+    check_count,
+    check_not_growing,
+    check_positive,
+    check_tol,
+    eager,
+    item,
+    values,
+)
 from bilevel.linear_solve import SolveInfo, _Monitor
 
 __all__ = ["Picard", "Anderson", "FixedPointSolver", "fixed_point_solve"]
 
 
 def _check(name: str, maxiter: int, tol: float) -> None:
-    if not isinstance(maxiter, int) or isinstance(maxiter, bool) or maxiter < 1:
-        raise ValueError(f"{name}: maxiter should be an int >= 1, not {maxiter!r}.")
-    if not (isinstance(tol, (int, float)) and tol >= 0 and math.isfinite(tol)):
-        raise ValueError(f"{name}: tol should be a finite float >= 0, not {tol!r}.")
+    check_count(f"{name}: maxiter", maxiter, 1)
+    check_tol(f"{name}: tol", tol)  # never a bool: tol=True would read as 1 and stop at z0
 
 
 @dataclass(frozen=True)
@@ -61,60 +76,75 @@ class Anderson:
 
     def __post_init__(self) -> None:
         _check("Anderson", self.maxiter, self.tol)
-        if not isinstance(self.memory, int) or isinstance(self.memory, bool) or self.memory < 1:
-            raise ValueError(f"Anderson: memory should be an int >= 1, not {self.memory!r}.")
-        if not (isinstance(self.mixing, (int, float)) and 0 < self.mixing <= 1):
+        check_count("Anderson: memory", self.memory, 1)
+        if check_positive("Anderson: mixing", self.mixing) > 1:
             raise ValueError(f"Anderson: mixing should be a float in (0, 1], not {self.mixing!r}.")
-        if not (isinstance(self.regularization, (int, float)) and self.regularization >= 0):
-            raise ValueError(f"Anderson: regularization should be >= 0, not {self.regularization!r}.")
+        check_tol("Anderson: regularization", self.regularization)
 
 
 FixedPointSolver = Picard | Anderson
 
 
-def _residual(fz: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """Per-problem ``‖f(z) − z‖ / ‖f(z)‖`` of (B, n) rows (0/0 read as 0)."""
-    num = torch.linalg.vector_norm(fz - z, dim=1)
-    den = torch.linalg.vector_norm(fz, dim=1)
-    return num / torch.where(den > 0, den, torch.ones_like(den))
+class _Run:
+    """What both solvers track per evaluation ``fz = f(z)`` of (B, n) rows: the iterate with
+    the smallest relative residual ``‖f(z) − z‖ / ‖f(z)‖`` (0/0 read as 0) so far — the
+    methods are not monotone, so the last iterate need not be the best —, the absolute
+    residual ``‖f(z) − z‖`` of every evaluation (for :func:`~bilevel._checks.check_not_growing`),
+    NaN/Inf in ``f(z)``, and when to stop."""
+
+    def __init__(self, z: torch.Tensor, tol: float, maxiter: int, where: str, name: str) -> None:
+        self.mon = _Monitor(z, torch.ones((), dtype=z.dtype, device=z.device), tol)
+        self.best, self.best_res = z, torch.full(z.shape[:1], math.inf, dtype=z.dtype, device=z.device)
+        self.history: list[torch.Tensor] = []
+        self.finite = torch.ones((), dtype=torch.bool, device=z.device)
+        self.eps = torch.finfo(z.dtype).eps
+        self.tiny = torch.finfo(z.dtype).tiny
+        self.maxiter, self.where, self.name = maxiter, where, name
+
+    def update(self, k: int, z: torch.Tensor, fz: torch.Tensor) -> bool:
+        """Record evaluation ``k`` (1-based); True when the solve should stop."""
+        num = torch.linalg.vector_norm(fz - z, dim=1)
+        den = torch.linalg.vector_norm(fz, dim=1)
+        res = num / torch.where(den > 0, den, torch.ones_like(den))
+        # below rounding level of ‖f(z)‖ a residual is noise: count it as that level
+        self.history.append(torch.maximum(num, 16 * self.eps * den + self.tiny))
+        self.finite = self.finite & torch.isfinite(fz).all()
+        better = res < self.best_res
+        self.best = torch.where(better[:, None], z, self.best)
+        self.best_res = torch.where(better, res, self.best_res)
+        if k % self.mon.every == 0 or k == self.maxiter:  # a host sync: as often as the monitor's
+            if not bool(values(self.finite).all()):
+                raise SolverError(
+                    f"{self.where}: NaN or Inf in fn(z) after {k} evaluations of {self.name}: the "
+                    "fixed point would be meaningless. Check fn and the data it captures for "
+                    "NaN/Inf (and z0); a map that overflows is not a contraction."
+                )
+        return self.mon.done(k, self.best_res.max())
 
 
-def _keep_best(z: torch.Tensor, res: torch.Tensor, best: torch.Tensor, best_res: torch.Tensor):
-    """Per row of the batch, the iterate with the smallest residual so far (the methods are
-    not monotone, so the last iterate need not be the best)."""
-    better = res < best_res
-    return torch.where(better[:, None], z, best), torch.where(better, res, best_res)
-
-
-def _picard(f: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor, s: Picard):
-    mon = _Monitor(z, torch.ones((), dtype=z.dtype, device=z.device), s.tol)
-    best, best_res = z, torch.full(z.shape[:1], math.inf, dtype=z.dtype, device=z.device)
+def _picard(f: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor, s: Picard, run: _Run) -> int:
     k = 0
     while k < s.maxiter:
         fz = f(z)
         k += 1
-        best, best_res = _keep_best(z, _residual(fz, z), best, best_res)
-        if mon.done(k, best_res.max()):
+        if run.update(k, z, fz):
             break
         z = fz
-    return best, k, best_res.max()
+    return k
 
 
-def _anderson(f: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor, s: Anderson):
+def _anderson(f: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor, s: Anderson, run: _Run) -> int:
     b, n = z.shape
     m, beta = s.memory, s.mixing
-    mon = _Monitor(z, torch.ones((), dtype=z.dtype, device=z.device), s.tol)
     zs = z.new_zeros(b, m, n)  # past iterates z_i
     fs = z.new_zeros(b, m, n)  # f(z_i)
-    best, best_res = z, torch.full((b,), math.inf, dtype=z.dtype, device=z.device)
     k = 0
     while k < s.maxiter:
         fz = f(z)
         slot = k % m
         zs, fs = _put(zs, slot, z), _put(fs, slot, fz)
         k += 1
-        best, best_res = _keep_best(z, _residual(fz, z), best, best_res)
-        if mon.done(k, best_res.max()):
+        if run.update(k, z, fz):
             break
         h = min(k, m)
         g = fs[:, :h] - zs[:, :h]
@@ -128,12 +158,23 @@ def _anderson(f: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor, s: And
         z = (alpha @ fs[:, :h])[:, 0]
         if beta != 1:
             z = beta * z + (1 - beta) * (alpha @ zs[:, :h])[:, 0]
-    return best, k, best_res.max()
+    return k
 
 
 def _put(buf: torch.Tensor, slot: int, row: torch.Tensor) -> torch.Tensor:
     """``buf[:, slot] = row`` out of place (no in-place write on tensors vmap may batch)."""
     return torch.cat([buf[:, :slot], row[:, None], buf[:, slot + 1 :]], dim=1)
+
+
+_FIX = {
+    "Picard": "Raise maxiter, use Anderson(), or make fn more contractive",
+    "Anderson": "Raise maxiter (or memory), or make fn more contractive",
+}
+_TOL0 = "; tol=0 asks for exactly maxiter evaluations (no warning)."
+_DIVERGED = ("Make fn a contraction (‖∂f/∂z‖ < 1 near the fixed point), damp it (Anderson(mixing=0.5), "
+             "or z ↦ z + η(f(z) − z)), start closer to the fixed point, or use Anderson(), which can "
+             "reach a repelling fixed point. (A contraction whose iterates first grow — a strongly "
+             "non-normal Jacobian — gets past such a transient with a larger maxiter.)")
 
 
 @eager  # under torch.compile: runs eagerly (a graph break), never mis-traced
@@ -152,7 +193,31 @@ def fixed_point_solve(
     tolerance must hold for each.  Returns ``(z, SolveInfo)``: ``iterations`` counts
     evaluations of ``fn``, ``residual`` is the (largest) relative residual of the returned
     ``z`` and ``converged`` whether it is ``≤ tol``.  Runs under ``torch.no_grad()``.
+
+    Raises :class:`~bilevel.SolverError` for NaN/Inf in ``fn(z)`` and
+    :class:`~bilevel.NotContractionError` when the solve misses ``tol`` while the absolute
+    residual ``‖fn(z) − z‖`` grows (a ×1e6 blow-up, or a rise through the second half of
+    the run: ``fn`` is not a contraction); warns (:class:`~bilevel.ConvergenceWarning`)
+    when it stops above ``tol > 0`` otherwise (``tol=0`` runs exactly ``maxiter``
+    evaluations and never warns).
     """
+    return solve_fixed_point(fn, z0, solver, batched=batched)
+
+
+@eager  # DEQ calls it directly: under torch.compile it runs eagerly too
+def solve_fixed_point(
+    fn: Callable[[Any], Any],
+    z0: Any,
+    solver: FixedPointSolver,
+    *,
+    batched: bool,
+    where: str = "fixed_point_solve",
+    fix: str | None = None,
+    diverged: str = _DIVERGED,
+) -> tuple[Any, SolveInfo]:
+    """:func:`fixed_point_solve`, its errors and warning starting with ``where``, the
+    warning ending with ``fix`` and the divergence error with ``diverged`` (what to
+    change), for the library's own callers (:class:`bilevel.nn.DEQ`)."""
     if not isinstance(solver, (Picard, Anderson)):
         raise TypeError(f"solver should be bilevel.Picard() or bilevel.Anderson(), not {solver!r}.")
     leaves, spec = T.tree_flatten(z0)
@@ -163,6 +228,8 @@ def fixed_point_solve(
             "batched=True needs every leaf of z0 to share its first (batch) dimension, got "
             f"{T.describe(z0)}."
         )
+    if not all_finite(leaves):
+        raise ValueError(f"{where}: z0 contains NaN or Inf; start from a finite point.")
     rows = leaves[0].shape[0] if batched else 1
     shapes = [t.shape for t in leaves]
     sizes = [t.numel() // rows for t in leaves]
@@ -188,10 +255,14 @@ def fixed_point_solve(
             )
         return to_rows(ol)
 
+    name = type(solver).__name__
     with torch.no_grad():
         z = to_rows([t.detach() for t in leaves])
-        if isinstance(solver, Picard):
-            z, k, res = _picard(f, z, solver)
-        else:
-            z, k, res = _anderson(f, z, solver)
-    return from_rows(z), SolveInfo(type(solver).__name__, k, item(res), item(res <= solver.tol))
+        run = _Run(z, solver.tol, solver.maxiter, where, name)
+        k = (_picard if isinstance(solver, Picard) else _anderson)(f, z, solver, run)  # type: ignore[operator]
+        res = run.best_res.max()
+        floor = max(solver.tol, 64 * run.eps)  # a row at its rounding floor has nothing left to gain
+        check_not_growing(run.history, run.best_res > floor, f"{where}: {name}", diverged)
+    info = SolveInfo(name, k, item(res), item(res <= solver.tol))
+    check_converged(where, info, solver.tol, _FIX[name] + _TOL0 if fix is None else fix)
+    return from_rows(run.best), info

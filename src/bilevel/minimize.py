@@ -27,7 +27,18 @@ import torch
 from torch.func import grad_and_value, vjp
 
 from bilevel import _tree as T
-from bilevel._checks import SolverError, check_autograd, check_input_finite, eager, item, leaves, scalar
+from bilevel._checks import (
+    SolverError,
+    check_autograd,
+    check_count,
+    check_input_finite,
+    check_tol,
+    eager,
+    item,
+    leaves,
+    scalar,
+    warn_unconverged,
+)
 from bilevel.ift import (
     _fresh_leaves,
     _grads,
@@ -39,6 +50,15 @@ from bilevel.linear_solve import CG, _host_scalars, solve_leaves
 Leaves = list[torch.Tensor]
 
 __all__ = ["newton_cg", "lbfgs", "MinimizeInfo"]
+
+
+def _report(where: str, name: str, info: MinimizeInfo, scale: float, tol: float, fix: str) -> None:
+    """The one ConvergenceWarning (through :mod:`bilevel._checks`) for a minimisation that
+    stopped with ``‖∇g‖ > tol·max(1, ‖∇g(params0)‖)``; ``tol = 0`` asks for exactly
+    ``maxiter`` steps: no warning."""
+    if tol > 0 and not info.converged:
+        warn_unconverged(where, name, info.iterations, info.grad_norm / scale, tol,
+                         f"(The residual is ‖∇_w inner_loss‖ / max(1, ‖∇_w inner_loss(params0)‖).) {fix}")
 
 
 @dataclass(frozen=True)
@@ -64,10 +84,8 @@ def _inner_problem(
 ) -> tuple[Leaves, Any, Leaves, Callable[[Leaves], torch.Tensor]]:
     """Checked options, detached leaves of params0 and hparams, and ``w ↦ g(w, λ)`` on leaves."""
     check_autograd("the inner solver")
-    if not isinstance(maxiter, int) or isinstance(maxiter, bool) or maxiter < 0:
-        raise ValueError(f"maxiter should be an int >= 0, not {maxiter!r}.")
-    if not tol >= 0:
-        raise ValueError(f"tol should be >= 0, not {tol!r}.")
+    check_count("maxiter", maxiter)
+    check_tol("tol", tol)  # never a bool or inf: tol=True would return params0 as 'converged'
     w, wspec = leaves(params0, "params0")
     lam, lspec = leaves(hparams, "hparams")
     w = [t.detach() for t in w]
@@ -113,6 +131,7 @@ def newton_cg(
     ``params0``.  ``g`` should be twice differentiable; it need not be convex (negative
     curvature falls back to a gradient step).
     """
+    check_count("cg_maxiter", cg_maxiter, 1)
     w, wspec, lam, loss = _inner_problem(inner_loss, params0, hparams, maxiter, tol)
     hvps, k = 0, 0
     gnorm0 = None
@@ -152,6 +171,8 @@ def newton_cg(
     with torch.no_grad():
         final = item(loss(w))
     info = MinimizeInfo(k, hvps, gnorm, converged, final)
+    _report("newton_cg", "Newton-CG", info, gnorm0 or 1.0, tol,
+            "Raise maxiter (or cg_maxiter), or check that inner_loss is smooth and bounded below.")
     return T.tree_unflatten(w, wspec), info
 
 
@@ -192,8 +213,7 @@ def lbfgs(
     ``g`` should be differentiable and bounded below; the hypergradient at the result is
     as accurate as the result is stationary (check ``info.grad_norm``).
     """
-    if not isinstance(history, int) or isinstance(history, bool) or history < 1:
-        raise ValueError(f"history should be an int >= 1, not {history!r}.")
+    check_count("history", history, 1)
     w, wspec, lam, loss = _inner_problem(inner_loss, params0, hparams, maxiter, tol)
     value_and_grad = _value_and_grad(loss, _plain_autograd(w, lam))
     fval, gw = value_and_grad(w)
@@ -241,6 +261,9 @@ def lbfgs(
         return T.tree_unflatten(_two_loop(leaves, kept), spec)
 
     info = MinimizeInfo(k, 0, gnorm, converged, fval, evals, inverse_hessian)
+    _report("lbfgs", "L-BFGS", info, scale, tol,
+            "Raise maxiter (or history), use newton_cg for a smooth inner_loss, or check that "
+            "inner_loss is smooth and bounded below.")
     return T.tree_unflatten(w, wspec), info
 
 

@@ -11,19 +11,23 @@ code path as :func:`bilevel.implicit` and :func:`bilevel.hypergrad`.
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import torch
 from torch import nn
 from torch.func import functional_call
 
-from bilevel._checks import ConvergenceWarning
 from bilevel.custom import ImplicitInfo, implicit
-from bilevel.fixed_point_solve import Anderson, FixedPointSolver, fixed_point_solve
+from bilevel.fixed_point_solve import Anderson, FixedPointSolver, solve_fixed_point
 from bilevel.linear_solve import GMRES, SolveInfo, Solver, check_solver
 
 __all__ = ["DEQ"]
+
+_FORWARD_FIX = ("The implicit gradient assumes a fixed point. Raise maxiter, use Anderson(), or make "
+                "the cell more contractive (e.g. normalise its weights).")
+_FORWARD_DIVERGED = ("The cell is not a contraction in z: make it one (e.g. spectral normalisation of the "
+                     "weights acting on z, ‖∂cell/∂z‖ < 1), or use Anderson(), which can reach a repelling "
+                     "fixed point.")
 
 
 class DEQ(nn.Module):
@@ -40,10 +44,14 @@ class DEQ(nn.Module):
     After each call, ``forward_info`` (a :class:`~bilevel.SolveInfo`: iterations,
     relative residual ``max_b ‖f(z_b) − z_b‖/‖f(z_b)‖``, converged) describes the forward
     solve, and after each backward ``backward_info`` (an :class:`~bilevel.ImplicitInfo`)
-    the linear solve.  A forward solve that stops above its ``tol`` warns with its
-    residual (:class:`~bilevel.ConvergenceWarning`; make it an error with
-    ``warnings.simplefilter("error", bilevel.ConvergenceWarning)``), as does a backward
-    solve that does.  NaN/Inf in the fixed point raise.
+    the linear solve.  The forward solve reports as :func:`~bilevel.fixed_point_solve`
+    does, once, its messages starting with "DEQ forward": a solve that stops above its
+    ``tol`` warns with its residual (:class:`~bilevel.ConvergenceWarning`; make it an error
+    with ``warnings.simplefilter("error", bilevel.ConvergenceWarning)``), NaN/Inf in the
+    cell's output raise :class:`~bilevel.SolverError`, and a residual ``‖f(z) − z‖`` that
+    grows over the solve (a cell that is not a contraction) raises
+    :class:`~bilevel.NotContractionError`.  A backward solve that stops above its ``tol``
+    warns too.
     """
 
     def __init__(
@@ -84,17 +92,11 @@ class DEQ(nn.Module):
             # torch.func transform): the forward is never differentiated, so call the cell
             # directly and skip functional_call's per-iteration re-parametrisation
             x_in = hparams[1]
-            z_star, info = fixed_point_solve(lambda zz: cell(zz, x_in), z, self.solver, batched=True)
+            # one report (a ConvergenceWarning, or an error), from the solve itself
+            z_star, info = solve_fixed_point(lambda zz: cell(zz, x_in), z, self.solver, batched=True,
+                                             where="DEQ forward", fix=_FORWARD_FIX,
+                                             diverged=_FORWARD_DIVERGED)
             self.forward_info = info
-            if info.converged is False:
-                warnings.warn(
-                    f"DEQ forward: {info.solver} stopped after {info.iterations} iterations with "
-                    f"relative residual {info.residual:.2e} > tol {self.solver.tol:.1e}; the "
-                    "implicit gradient assumes a fixed point. Raise maxiter, use Anderson(), or "
-                    "make the cell more contractive.",
-                    ConvergenceWarning,
-                    stacklevel=4,
-                )
             return z_star
 
         solve = implicit(fixed_point=cell_map, solver=self.backward_solver, on_backward=self._record)(solve_forward)

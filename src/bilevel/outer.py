@@ -46,6 +46,7 @@ from bilevel._checks import (
     check_not_diverging,
     check_one_form,
     check_positive,
+    check_reached,
     item,
     leaves,
     scalar,
@@ -366,7 +367,9 @@ class ITDBilevel(_DeterministicLoop):
     linear residual is ``nan`` (no linear system); the inner residual is
     ``‖Φ(w_T, λ) − w_T‖`` (or ``‖∇_w g‖``).  Divergent inner iterations raise
     :class:`~bilevel.NotContractionError` (as in :class:`AIDBilevel`), NaN/Inf in the
-    hypergradient :class:`~bilevel.SolverError`.
+    hypergradient :class:`~bilevel.SolverError`; an ``hparams`` leaf with no autograd path
+    to the outer loss through the unroll (its hypergradient would be a structural zero)
+    ``ValueError`` naming it, as :class:`AIDBilevel` (through :func:`bilevel.hypergrad`).
     """
 
     outer_loss: Callable[[Any, Any], torch.Tensor]
@@ -418,6 +421,8 @@ class ITDBilevel(_DeterministicLoop):
             step = T.sub(T.tree_flatten(inner(w_det, lam_det))[0], w_leaves)
             res = T.norm(step) / float(self.inner_step_size)
         check_finite(hg, "the ITD hypergradient (lower inner_step_size?)")
+        # autograd's own verdict: a leaf with no path from the outer loss through the unroll
+        check_reached(hg, lspec, lambda: [i for i, g in enumerate(grads) if g is None])
         new_lam = _descend(state.hparams, T.tree_unflatten(hg, lspec), as_step_size(self.lr, "lr"), state.step,
                            self.projection)
         used = self.data_size * (2 * self.inner_steps + 2)  # forward + backward through the unroll

@@ -65,14 +65,17 @@ from bilevel._checks import (
     check_not_diverging,
     check_one_form,
     check_positive,
+    check_reached,
     check_shaped_like,
     eager,
+    info_number,
     info_pytree,
-    item,
     prepare_pair,
     scalar,
+    unreached,
 )
 from bilevel.ift import implicit_operator
+from bilevel.unroll import _rng_capture, _rng_replayed
 
 __all__ = [
     "ConstantStep",
@@ -421,7 +424,9 @@ def sid(
     :class:`DataExhaustedError` when a one-shot iterator runs out, and
     :class:`NotContractionError` when an iteration diverges (NaN/Inf, a blow-up, or step
     norms that clearly grow: see :func:`stochastic_fixed_point`); a batch with 0 rows raises
-    ``ValueError``.
+    ``ValueError``, and so does an ``hparams`` leaf whose estimate is exactly zero because it
+    reaches neither ``outer_loss`` nor ``fixed_point``/``∇_w inner_loss`` on the λ-part
+    batches (it is named).
     """
     check_one_form(inner_loss, fixed_point)
     check_count("inner_steps", inner_steps)
@@ -487,14 +492,17 @@ def sid(
     # 3. λ-part, averaged over hparam_batches fresh batch pairs
     hg = T.zeros_like(lam)
     fsum = torch.zeros((), dtype=w[0].dtype, device=w[0].device)
+    pairs = []  # the λ-part batches: where an hparams leaf must reach something
     for _ in range(hparam_batches):
         zb, ob = inner.next(), outer.next()
+        pairs.append((zb, ob))
         fval, f_vjp = vjp(f_at(ob), w, lam)
         gl = f_vjp(torch.ones_like(fval))[1]
         hg = T.add(hg, T.add(gl, operator(zb).cross(v)))
         fsum = fsum + fval.detach()
     hg = T.scale(1.0 / hparam_batches, hg)
     check_finite(hg, "the stochastic hypergradient")  # every vmap row
+    check_reached(hg, lspec, lambda: _unused_hparams(f_at, fixed_point, inner_loss, w, lam, wspec, lspec, pairs))
 
     out = T.tree_unflatten([t.detach() for t in hg], lspec)
     if not return_info:
@@ -505,9 +513,42 @@ def sid(
     info = SIDInfo(
         params=w_tree,
         v=T.tree_unflatten([t.detach() for t in v], wspec),
-        inner_residual=item(inner_res / linear_steps),
-        linear_residual=item(lin),
-        outer_loss=item(fsum / hparam_batches),
+        inner_residual=info_number(inner_res / linear_steps),  # per task under vmap
+        linear_residual=info_number(lin),
+        outer_loss=info_number(fsum / hparam_batches),
         samples=used,
     )
     return out, info
+
+
+def _unused_hparams(
+    f_at: Callable[[Any], Callable[[Leaves, Leaves], torch.Tensor]],
+    fixed_point: Callable[..., Any] | None,
+    inner_loss: Callable[..., torch.Tensor] | None,
+    w: Leaves,
+    lam: Leaves,
+    wspec: Any,
+    lspec: Any,
+    pairs: list[tuple[Any, Any]],
+) -> list[int]:
+    """Indices of the hparams leaves with no autograd path, on any λ-part batch pair
+    ``(ξ_j, ζ'_j)``, to ``f̂(w, λ, ζ'_j)`` nor to ``Φ̂(w, λ, ξ_j)`` (or ``∇_w ĝ(w, λ, ξ_j)``):
+    the terms the estimate of such a leaf sums are all structurally zero.  The user
+    functions are called once more per pair (no batch is drawn; the random generators'
+    state is restored afterwards, for a map that uses dropout)."""
+
+    def reached(ll: Leaves) -> list[Any]:
+        wl = [t.detach().requires_grad_() for t in w]
+        outs: list[Any] = []
+        for zb, ob in pairs:
+            outs.append(f_at(ob)(wl, ll))
+            p, h = T.tree_unflatten(list(wl), wspec), T.tree_unflatten(list(ll), lspec)
+            if inner_loss is not None:
+                gval = scalar(inner_loss(p, h, zb), "inner_loss")
+                outs += list(torch.autograd.grad(gval, wl, create_graph=True, allow_unused=True))
+            else:
+                outs += T.tree_flatten(fixed_point(p, h, zb))[0]  # type: ignore[misc]
+        return outs
+
+    with _rng_replayed(_rng_capture(list(w) + list(lam))):
+        return unreached(reached, lam)

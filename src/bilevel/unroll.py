@@ -24,13 +24,16 @@ from bilevel._checks import (
     active_transforms,
     check_autograd,
     check_count,
+    check_finite,
     check_input_finite,
+    check_reached,
     check_shaped_like,
     differentiable,
     eager,
     leaves,
     no_transform,
     scalar,
+    unreached,
 )
 
 __all__ = ["unroll", "forward_hypergrad"]
@@ -320,6 +323,12 @@ def forward_hypergrad(
     ``jacrev`` / ``jacfwd``, or with ``create_graph=True`` (plain autograd, inputs that
     require grad) — then its derivative is the Hessian of the unrolled outer loss (the
     graph holds all T steps).
+
+    NaN/Inf in ``w_T`` or in the result raise :class:`~bilevel.SolverError`.  An ``hparams``
+    leaf whose hypergradient is exactly zero because it reaches neither ``outer_loss`` nor
+    the step raises ``ValueError`` naming it (found by calling ``outer_loss`` and the step
+    once more at ``w_T`` — at every ``t`` with ``indexed=True`` — with the random
+    generators' state restored afterwards: only then, when some leaf is exactly zero).
     """
     _check_steps(steps, None)
     check_autograd("forward_hypergrad")
@@ -348,9 +357,38 @@ def forward_hypergrad(
         outer_loss(T.tree_unflatten(list(wl), wspec), T.tree_unflatten(list(ll), lspec)),
         "outer_loss",
     )
+    what = "step(params, hparams, t)" if indexed else "step(params, hparams)"
+    check_finite(w, f"w_T, the iterate after {steps} steps of {what}")  # every vmap row
     fval, f_vjp = vjp(f, w, lam)
     gw, gl = f_vjp(torch.ones_like(fval))
     total = sum(zi.reshape(m, -1) @ gi.reshape(-1) for zi, gi in zip(z, gw))
     hg = [g + c.reshape(g.shape) for g, c in zip(gl, torch.split(total, sizes))]
+    check_finite(hg, "the forward-mode hypergradient")
+    check_reached(hg, lspec, lambda: _unused_hparams(f, fn, w, lam, steps, indexed))
     out = T.tree_unflatten(hg, lspec)
     return (out, T.tree_unflatten(w, wspec)) if return_params else out
+
+
+def _unused_hparams(
+    f: Callable[[Leaves, Leaves], torch.Tensor],
+    fn: Callable[[Leaves, Leaves, int], Leaves],
+    w: Leaves,
+    lam: Leaves,
+    steps: int,
+    indexed: bool,
+) -> list[int]:
+    """Indices of the hparams leaves with no autograd path to ``f(w_T, λ)`` nor to any step
+    ``Φ(w_T, λ[, t])``: their forward-mode hypergradient is zero for a structural reason.
+
+    Called only when a hypergradient leaf is exactly zero.  The step runs again at ``w_T``
+    (with ``indexed=True`` at every ``t``, stopping once every leaf is reached: a schedule
+    may use a leaf at one step only, so ``t = 0`` alone could misname it), replaying the
+    random generators' state so that the caller's random stream is left as it was."""
+    wd = [t.detach() for t in w]
+    left = set(unreached(lambda ll: [f(wd, ll)], lam))
+    with _rng_replayed(_rng_capture(wd + list(lam))):
+        for t in range(steps if indexed else 1):
+            if not left:
+                break
+            left &= set(unreached(lambda ll, t=t: fn(wd, ll, t), lam))
+    return sorted(left)
