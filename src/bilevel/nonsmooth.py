@@ -47,8 +47,8 @@ from bilevel._checks import (
     check_shaped_like,
     check_tol,
     eager,
+    info_number,
     info_pytree,
-    item,
     prepare_pair,
     scalar,
     unreached,
@@ -433,8 +433,8 @@ def nsid(
         steps,
         stream.samples - samples0,
         q,
-        item(T.norm(T.sub(phi_bar, w))),
-        item(fval),
+        info_number(T.norm(T.sub(phi_bar, w))),
+        info_number(fval),
         T.tree_unflatten([t.detach() for t in v], wspec),
     )
     return out, info
