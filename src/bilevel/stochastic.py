@@ -55,6 +55,7 @@ from typing import Any
 import torch
 from torch.func import grad, vjp
 
+from bilevel import _rng
 from bilevel import _tree as T
 from bilevel._checks import (
     SolverError,
@@ -75,7 +76,6 @@ from bilevel._checks import (
     unreached,
 )
 from bilevel.ift import implicit_operator
-from bilevel.unroll import _rng_capture, _rng_replayed
 
 __all__ = [
     "ConstantStep",
@@ -550,5 +550,5 @@ def _unused_hparams(
                 outs += T.tree_flatten(fixed_point(p, h, zb))[0]  # type: ignore[misc]
         return outs
 
-    with _rng_replayed(_rng_capture(list(w) + list(lam))):
+    with _rng.replayed(_rng.capture(list(w) + list(lam))):
         return unreached(reached, lam)

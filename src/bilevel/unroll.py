@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -19,6 +18,7 @@ from typing import Any
 import torch
 from torch.func import jvp, vjp, vmap
 
+from bilevel import _rng
 from bilevel import _tree as T
 from bilevel._checks import (
     active_transforms,
@@ -89,28 +89,6 @@ def _not_connected(what: str) -> ValueError:
 # ----------------------------------------------------------------------------- RNG
 
 
-def _rng_capture(tensors: Leaves) -> tuple[torch.Tensor, list[int], list[torch.Tensor]]:
-    """The CPU generator's state, and the CUDA generators' of the devices of ``tensors``
-    (and the current one) when CUDA is initialised — as torch.utils.checkpoint's
-    ``preserve_rng_state``."""
-    devices: list[int] = []
-    if torch.cuda.is_initialized():
-        devices = sorted({t.get_device() for t in tensors if t.is_cuda} | {torch.cuda.current_device()})
-    return torch.get_rng_state(), devices, [torch.cuda.get_rng_state(d) for d in devices]
-
-
-@contextlib.contextmanager
-def _rng_replayed(saved: tuple[torch.Tensor, list[int], list[torch.Tensor]]) -> Iterator[None]:
-    """Run the block with the generators as :func:`_rng_capture` saw them; restore the
-    current states afterwards (the recomputation leaves the caller's random stream alone)."""
-    cpu, devices, states = saved
-    with torch.random.fork_rng(devices=devices, device_type="cuda"):
-        torch.set_rng_state(cpu)
-        for d, state in zip(devices, states):
-            torch.cuda.set_rng_state(state, d)
-        yield
-
-
 # ----------------------------------------------------------------------------- checkpointing
 
 
@@ -171,7 +149,7 @@ class _Segment(torch.autograd.Function):
     def backward(ctx: Any, *grad_out: torch.Tensor):
         flat = ctx.saved_tensors
         wanted = ctx.needs_input_grad[2:]
-        with _rng_replayed(ctx.run.rng):
+        with _rng.replayed(ctx.run.rng):
             if no_transform():
                 grads = _Segment._autograd_vjp(ctx, flat, wanted, grad_out)
             else:
@@ -284,7 +262,7 @@ def unroll(
         seg = max(1, math.isqrt(steps - start - 1) + 1)
         rg: list[bool] | None = [t.requires_grad for t in w] if no_transform() else None
         for t0 in range(start, steps, seg):
-            run = _SegmentRun(fn, t0, min(t0 + seg, steps), _rng_capture(w + lam), rg)
+            run = _SegmentRun(fn, t0, min(t0 + seg, steps), _rng.capture(w + lam), rg)
             w = list(_Segment.apply(run, len(w), *w, *lam))
             rg = run.out_rg if rg is not None else None
         if must_connect and not any(run.out_rg):
@@ -386,7 +364,7 @@ def _unused_hparams(
     random generators' state so that the caller's random stream is left as it was."""
     wd = [t.detach() for t in w]
     left = set(unreached(lambda ll: [f(wd, ll)], lam))
-    with _rng_replayed(_rng_capture(wd + list(lam))):
+    with _rng.replayed(_rng.capture(wd + list(lam))):
         for t in range(steps if indexed else 1):
             if not left:
                 break
