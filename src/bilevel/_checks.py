@@ -18,6 +18,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
+import sys
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
@@ -344,6 +346,18 @@ def trend(history: Sequence[float]) -> float:
     return (h[-1] / h[mid]) ** (1.0 / (len(h) - 1 - mid))
 
 
+_INTERNAL = (os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.path.abspath(torch.__file__)))
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` that points a warning at the user's line: the first frame outside
+    this package and torch (the eager/compile wrappers add frames of their own)."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_INTERNAL):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def warn_unconverged(where: str, solver: str, iterations: int, residual: Any, tol: float, fix: str) -> None:
     """The one :class:`ConvergenceWarning` for a solve that stopped above its tolerance."""
     warnings.warn(
@@ -351,7 +365,7 @@ def warn_unconverged(where: str, solver: str, iterations: int, residual: Any, to
         f"{worst(residual) if isinstance(residual, torch.Tensor) else residual:.2e} > tol {tol:.1e}; "
         f"the result is approximate. {fix}",
         ConvergenceWarning,
-        stacklevel=3,
+        stacklevel=user_stacklevel(),
     )
 
 
@@ -416,7 +430,7 @@ def refuse_lost_gradient(what: str, why: str, lost: str, fix: str) -> None:
 # (optimality form) or ‖Φ(w) − w‖/‖w‖ (fixed-point form) estimate the relative distance of
 # w to the inner solution, and the hypergradient's error grows with it (Grazzi et al., ICML
 # 2020, Thm. 1).  Loose enough for honest early-stopped inner solvers.
-INNER_RELATIVE_TOL = 1e-2
+INNER_RELATIVE_TOL = 0.05
 
 _INNER_FORMS = {
     "inner_loss": ("‖∇_w inner_loss‖", "‖H·params‖"),
@@ -443,7 +457,7 @@ def check_inner_solution(
     """Warn (:class:`ConvergenceWarning`) when the point the implicit function theorem is
     applied at is not an inner solution: ``residual`` (``‖∇_w g‖``, ``‖Φ(w) − w‖`` or
     ``‖F(w)‖``, per row under vmap) above ``inner_tol`` when given (``math.inf``: never),
-    else ``residual / scale()`` above :data:`INNER_RELATIVE_TOL` (``scale``: ``‖H w‖``,
+    else ``residual / scale()`` above :data:`INNER_RELATIVE_TOL` (0.05) (``scale``: ``‖H w‖``,
     ``‖w‖`` or ``‖(∂_w F) w‖``, computed only when the residual is not zero)."""
     what, ref = _INNER_FORMS[form]
     res = residual.detach()
@@ -451,7 +465,7 @@ def check_inner_solution(
     if inner_tol is not None:
         if not worst(res) <= inner_tol:
             warnings.warn(f"{where}: params are not an inner solution: {what} = {worst(res):.2e} > inner_tol = "
-                          f"{inner_tol:.1e}; {fix}.", ConvergenceWarning, stacklevel=3)
+                          f"{inner_tol:.1e}; {fix}.", ConvergenceWarning, stacklevel=user_stacklevel())
         return
     if not bool(values(res > 0).any()):
         return
@@ -464,7 +478,7 @@ def check_inner_solution(
         warnings.warn(
             f"{where}: params look far from the inner solution: {what} {size}, so the result can be "
             f"far off: {fix}, or pass inner_tol= (an absolute bound on {what}; math.inf silences this).",
-            ConvergenceWarning, stacklevel=3,
+            ConvergenceWarning, stacklevel=user_stacklevel(),
         )
 
 

@@ -350,7 +350,7 @@ def implicit(
 
     Each linear solve warns (:class:`ConvergenceWarning`) when it stops above its
     tolerance, and when ``params_star`` is not a solution: ``‖F(params_star)‖ > inner_tol``
-    if set, else a relative residual (``‖∇_w g‖/‖H w‖``, ``‖Φ(w) − w‖/‖w‖``) above 1e-2
+    if set, else a relative residual (``‖∇_w g‖/‖H w‖``, ``‖Φ(w) − w‖/‖w‖``) above 0.05
     (``inner_tol=math.inf`` silences it); under ``vmap`` when any task of the batch does.
     ``on_backward(info)`` receives an :class:`ImplicitInfo` after each backward (not after
     forward-mode solves).  NaN/Inf in ``hparams``, in the solver's

@@ -300,7 +300,7 @@ def hypergrad(
     Trust: warns (:class:`~bilevel.ConvergenceWarning`) when the linear solve missed its
     tolerance, and when ``params`` are not an inner solution: ``‖∇_w g‖`` (or
     ``‖Φ(w) − w‖``) above ``inner_tol`` if given, else a relative inner residual
-    (``‖∇_w g‖/‖H w‖``, or ``‖Φ(w) − w‖/‖w‖``) above 1e-2.  Raises for a non-scalar loss,
+    (``‖∇_w g‖/‖H w‖``, or ``‖Φ(w) − w‖/‖w‖``) above 0.05.  Raises for a non-scalar loss,
     mismatched structures, NaN/Inf, a diverging fixed-point iteration, a singular system,
     and an ``hparams`` leaf that reaches neither loss.
     """
