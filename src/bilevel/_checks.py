@@ -38,9 +38,9 @@ from bilevel import _tree as T
 
 Leaves = list[torch.Tensor]
 
-# Residual growth (relative to the start) at which an iteration is declared divergent at
-# once.  Non-normal contractions can grow transiently, so this is generous; slower
-# divergence is caught at exit from the trend of the residuals (:func:`trend`).
+# Step-norm growth (relative to the start) at which a stochastic or Picard/Anderson
+# iteration is declared divergent at once; slower divergence is judged at exit from the
+# trend (check_not_diverging, check_not_growing; Richardson: check_residual_trend).
 DIVERGENCE_FACTOR = 1e6
 
 
@@ -334,16 +334,6 @@ def unreached(outputs: Callable[[Leaves], Sequence[Any]], lam: Sequence[torch.Te
         return [i for i, d in enumerate(grads) if d is None]
     except RuntimeError:  # inside another transform: do not guess
         return []
-
-
-def trend(history: Sequence[float]) -> float:
-    """Average growth factor per iteration of a residual history over its second half
-    (> 1: growing, = 1: stagnating, < 1: contracting)."""
-    h = [x for x in history if x > 0 and math.isfinite(x)]
-    if len(h) < 4:
-        return 0.0
-    mid = len(h) // 2
-    return (h[-1] / h[mid]) ** (1.0 / (len(h) - 1 - mid))
 
 
 _INTERNAL = (os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.path.abspath(torch.__file__)))
