@@ -322,6 +322,9 @@ def _cg(matvec: MatVec, b: Leaves, x: Leaves | None, maxiter: int, tol: float, p
     noise = (1e3 * torch.finfo(bnorm.dtype).eps * bnorm) ** 2
     eps = torch.finfo(bnorm.dtype).eps
     anorm = torch.zeros_like(bnorm)  # largest Rayleigh quotient seen: a lower bound of ‖A‖
+    # failure flags stay on the device and are read with the residual (every mon.every
+    # iterations): no extra host sync per iteration on an accelerator
+    bad_neg = bad_null = bad_pc = torch.zeros((), dtype=torch.bool, device=bnorm.device)
     k = 0
     while not mon.done(k, rr.sqrt()) and k < maxiter:
         ap = matvec(p)
@@ -330,10 +333,11 @@ def _cg(matvec: MatVec, b: Leaves, x: Leaves | None, maxiter: int, tol: float, p
         # negative curvature only counts while the residual is above rounding level: at
         # convergence <p, Ap> is rounding noise and may be <= 0 on a positive definite A
         live = rr > noise
-        if bool(values(live & (pap <= _BREAKDOWN * eps * pp * anorm)).any()):
-            _cg_failed(pap, pp, T.vdot(ap, ap), anorm, live, rr, bnorm)
-        if precond is not None and bool(values((rho <= 0) & live).any()):
-            raise SolverError(_PRECOND_NOT_SPD)
+        broken = live & (pap <= _BREAKDOWN * eps * pp * anorm)
+        neg = broken & ~_in_null_space(T.vdot(ap, ap), pp, anorm, eps)
+        bad_neg, bad_null = bad_neg | neg, bad_null | (broken & ~neg)
+        if precond is not None:
+            bad_pc = bad_pc | ((rho <= 0) & live)
         alpha = mon.freeze(rr.sqrt(), _safe_div(rho, pap))
         x = T.axpy(alpha, p, x)
         r = T.axpy(-alpha, ap, r)
@@ -343,18 +347,23 @@ def _cg(matvec: MatVec, b: Leaves, x: Leaves | None, maxiter: int, tol: float, p
         p = T.axpy(_safe_div(rho_new, rho), p, z)
         rho = rho_new
         k += 1
+        if not (k % mon.every) and bool(values(bad_neg | bad_null | bad_pc).any()):
+            if bool(values(bad_pc).any()):
+                raise SolverError(_PRECOND_NOT_SPD)
+            _cg_failed(bool(values(bad_neg).any()), worst(_relative(rr.sqrt(), bnorm)))
     return x, k, _relative(rr.sqrt(), bnorm), None, anorm
 
 
-def _cg_failed(pap: Any, pp: Any, apap: Any, anorm: Any, live: Any, rr: Any, bnorm: Any) -> None:
-    """<p, A p> ≈ 0 with A p ≈ 0 too: p lies in the null space (singular A:
+def _in_null_space(apap: Any, pp: Any, anorm: Any, eps: float) -> Any:
+    """‖A p‖² at rounding level of ‖A‖²‖p‖²: p lies in the null space of A."""
+    return apap <= _BREAKDOWN * eps * anorm**2 * pp
+
+
+def _cg_failed(negative: bool, res: float) -> None:
+    """<p, A p> ≈ 0 or < 0: with A p ≈ 0 too p lies in the null space (singular A:
     SingularSystemError); otherwise A is not positive definite (SolverError)."""
-    eps = torch.finfo(torch.as_tensor(bnorm).dtype).eps
-    pap, pp, apap, anorm = (torch.as_tensor(t) for t in (pap, pp, apap, anorm))
-    null = apap <= _BREAKDOWN * eps * anorm**2 * pp
-    if bool((~values(null) & values(torch.as_tensor(live))).any()):
+    if negative:
         raise SolverError(_CG_CURVATURE)
-    res = worst(torch.as_tensor(rr).sqrt() / torch.as_tensor(bnorm))
     raise SingularSystemError(_SINGULAR.format(name="CG", res=res))
 
 
@@ -384,7 +393,7 @@ def _cg_host(
         pap, pp = T.vdot(p, ap).item(), T.vdot(p, p).item()
         anorm = max(anorm, pap / pp if pp > 0 else 0.0)
         if rr > noise and pap <= _BREAKDOWN * eps * pp * anorm:  # rounding-level curvature does not count
-            _cg_failed(pap, pp, T.vdot(ap, ap).item(), anorm, True, rr, bnorm)
+            _cg_failed(not _in_null_space(T.vdot(ap, ap).item(), pp, anorm, eps), math.sqrt(rr) / bnorm)
         alpha = rho / pap if pap != 0 else 0.0
         x = T.axpy(alpha, p, x)
         r = T.axpy(-alpha, ap, r)
@@ -418,7 +427,7 @@ def _minres(matvec: MatVec, b: Leaves, x: Leaves | None, maxiter: int, tol: floa
     anorm = zero
     broke = torch.zeros((), dtype=torch.bool, device=beta.device) | (beta == 0)
     k = 0
-    while not mon.done(k, phibar.abs()) and k < maxiter and not bool(values(broke).all()):
+    while not mon.done(k, phibar.abs()) and k < maxiter and not (k % mon.every == 0 and bool(values(broke).all())):
         v = T.scale(_safe_div(torch.ones_like(beta), beta), y)
         y = matvec(v)
         if k > 0:
@@ -501,7 +510,7 @@ def _gmres(matvec: MatVec, b: Leaves, x: Leaves | None, maxiter: int, tol: float
             cols.append(h)
             k += 1
             res = g[-1].abs()
-            if mon.done(k, res) or not bool(values(live).any()):
+            if mon.done(k, res) or (k % mon.every == 0 and not bool(values(live).any())):
                 break
         broke = broke | ~live
         m = len(cols)
