@@ -25,7 +25,7 @@ FIRST_COMPUTE = {
 
 
 def _module(job):
-    return importlib.import_module(cli.JOBS[job])
+    return importlib.import_module(cli.JOBS[job].module)
 
 
 @pytest.fixture

@@ -175,7 +175,7 @@ def test_deq_digits_quick_run_resume_and_anderson_beats_picard(tmp_path):
     from bilevel.apps import deq_digits
     from bilevel.cli import JOBS
 
-    assert JOBS["deq-digits"] == "bilevel.apps.deq_digits"
+    assert JOBS["deq-digits"].module == "bilevel.apps.deq_digits"
     straight = tmp_path / "straight"
     assert deq_digits.main(["--quick", "--out", str(straight), "--no-progress"]) == 0
     res = json.loads((straight / "results.json").read_text())

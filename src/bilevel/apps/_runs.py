@@ -21,7 +21,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -200,15 +200,89 @@ def one_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def job_parser(prog: str, description: str, out: str) -> argparse.ArgumentParser:
-    """The options every job has: --out, --seed, --resume, --quick, --no-progress."""
-    p = argparse.ArgumentParser(prog=prog, description=description)
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are :class:`UserError` (one line, status 2 from
+    :func:`run_job`) instead of a usage block and ``SystemExit``."""
+
+    def error(self, message: str) -> NoReturn:  # type: ignore[override]
+        raise UserError(f"{message}; see `{self.prog} --help`")
+
+
+def job_parser(prog: str, description: str, out: str, *, device: bool = False,
+               checkpoint_every: bool = False) -> argparse.ArgumentParser:
+    """The options every job has: --out, --seed, --resume, --quick, --no-progress; with
+    ``device`` also --device (see :func:`resolve_device`), with ``checkpoint_every`` also
+    --checkpoint-every N (outer steps between checkpoints, see :func:`steps`)."""
+    p = _Parser(prog=prog, description=description)
     p.add_argument("--out", default=out, help=f"output folder (default {out})")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of every random choice (default 0)")
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
     p.add_argument("--quick", action="store_true", help="tiny settings, for tests")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    if device:
+        p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+    if checkpoint_every:
+        p.add_argument("--checkpoint-every", type=int, default=1, metavar="N",
+                       help="save a checkpoint every N outer steps (default 1)")
     return p
+
+
+def resolve_device(name: str) -> torch.device:
+    """``--device`` as a :class:`torch.device`, checked before any compute: an unknown name
+    or a CUDA device this machine does not have is a :class:`UserError`."""
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UserError(f"--device {name!r} is not a device: pass cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {name}: no CUDA GPU is available here (torch {torch.__version__}); "
+                            "run with --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s); "
+                            "pass cuda:0 or another index below that")
+    elif dev.type != "cpu":
+        raise UserError(f"--device {name}: the jobs run on cpu or cuda; pass one of them")
+    return dev
+
+
+def steps(total: int, state: dict[str, Any], save: Callable[[dict[str, Any]], None], *, every: int = 1,
+          desc: str = "outer steps", show: bool = True) -> Iterator[int]:
+    """The outer-step loop of a resumable job: yields ``state["step"], …, total - 1`` (so a
+    resumed run starts where its checkpoint stopped) under a progress bar; after the body of
+    step ``i`` ran, sets ``state["step"] = i + 1`` and calls ``save(state)`` every ``every``
+    steps and after the last one.  A job whose steps draw random numbers should draw them from
+    a generator seeded by ``(seed, step)``, or keep its generator's state in ``state``, so that
+    a resumed run gives the numbers of an uninterrupted one."""
+    if every < 1:
+        raise UserError(f"--checkpoint-every should be >= 1, not {every}")
+    start = int(state.get("step", 0))
+    bar = progress(range(start, total), desc=desc, unit="step", initial=start, total=total) if show \
+        else range(start, total)
+    for i in bar:
+        yield i
+        state["step"] = i + 1
+        if (i + 1) % every == 0 or i + 1 == total:
+            save(state)
+
+
+# Okabe–Ito: told apart with every common colour-vision deficiency; the jobs' plots use it in order
+PALETTE = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000")
+
+
+def figure(*, ncols: int = 1, nrows: int = 1, size: tuple[float, float] | None = None) -> tuple[Any, Any]:
+    """A matplotlib ``(fig, axes)`` that draws without a display (Agg) and cycles through
+    :data:`PALETTE`; save it with ``fig.savefig(path, dpi=110)``."""
+    from cycler import cycler
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=size or (5.0 * ncols, 3.8 * nrows), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    for ax in axes.flat:
+        ax.set_prop_cycle(cycler(color=PALETTE))
+    return fig, (axes[0, 0] if nrows == ncols == 1 else axes.flat[:] if nrows == 1 or ncols == 1 else axes)
 
 
 def config_kwargs(args: argparse.Namespace, quick: dict[str, Any], counts: dict[str, int]) -> dict[str, Any]:

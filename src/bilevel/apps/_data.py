@@ -1,0 +1,149 @@
+"""Image datasets the jobs use, all local: scikit-learn's bundled digits, and MNIST /
+Fashion-MNIST in the IDX format (``train-images-idx3-ubyte[.gz]``, ``train-labels-idx1-ubyte[.gz]``,
+``t10k-…``) that the original sites and torchvision use.  Nothing is downloaded.
+
+Where the IDX files are looked for, in order (the first folder holding all four files wins):
+``--data-dir`` itself; ``$BILEVEL_DATA/<name>``; ``~/.cache/bilevel/<name>``; torchvision's
+layout ``<root>/<Name>/raw`` under ``$TORCHVISION_ROOT``, ``~/.torch/datasets``, ``./data``;
+and for Fashion-MNIST ``/usr/share/datasets/fashion-mnist`` (Debian's ``dataset-fashion-mnist``).
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from bilevel.apps._runs import UserError
+
+DATASETS = ("digits", "mnist", "fashion-mnist")
+_TORCHVISION_NAME = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
+_HOW_TO_GET = {
+    "mnist": "put the four MNIST IDX files there (torchvision.datasets.MNIST(root, download=True) writes them)",
+    "fashion-mnist": "`apt-get install dataset-fashion-mnist` installs them, or put the four IDX files there",
+}
+# IDX element types (the third byte of the magic number)
+_IDX_DTYPES = {0x08: torch.uint8, 0x09: torch.int8, 0x0B: torch.int16, 0x0C: torch.int32,
+               0x0D: torch.float32, 0x0E: torch.float64}
+
+
+@dataclass(frozen=True)
+class Images:
+    """``X``: float32 in [0, 1], one flattened image per row; ``y``: int64 labels; ``shape``:
+    the image shape (``(8, 8)`` for digits, ``(28, 28)`` for MNIST)."""
+
+    X_train: torch.Tensor
+    y_train: torch.Tensor
+    X_test: torch.Tensor
+    y_test: torch.Tensor
+    shape: tuple[int, int]
+    name: str
+    source: str  # where it was read from
+
+
+def read_idx(path: str | os.PathLike[str]) -> torch.Tensor:
+    """The array in an IDX file (gzipped or not): magic ``0x0000TTNN`` (type ``TT``, ``NN``
+    dimensions), ``NN`` big-endian int32 sizes, then the data, big-endian."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        raw = f.read()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
+        raise UserError(f"{path} is not an IDX file (bad magic number): check the file or --data-dir")
+    dtype, ndim = _IDX_DTYPES[raw[2]], raw[3]
+    dims = struct.unpack(f">{ndim}i", raw[4 : 4 + 4 * ndim])
+    body = raw[4 + 4 * ndim :]
+    count = 1
+    for n in dims:
+        count *= n
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if len(body) != count * itemsize:
+        raise UserError(f"{path} is truncated or padded: {len(body)} data bytes for shape {dims}; "
+                        "download it again")
+    t = torch.frombuffer(bytearray(body), dtype=dtype)
+    if itemsize > 1:  # IDX is big-endian; torch reads native (little-endian) order
+        t = t.view(torch.uint8).view(-1, itemsize).flip(1).reshape(-1).view(dtype)
+    return t.reshape(dims)
+
+
+def _idx_file(folder: Path, stem: str) -> Path | None:
+    for name in (stem, stem + ".gz", stem.replace("-idx", ".idx")):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+_STEMS = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
+def candidate_dirs(name: str, data_dir: str | os.PathLike[str] | None = None) -> list[Path]:
+    """The folders searched for ``name``'s IDX files, in order."""
+    if data_dir is not None:
+        return [Path(data_dir), Path(data_dir) / name, Path(data_dir) / _TORCHVISION_NAME[name] / "raw"]
+    dirs = []
+    if os.environ.get("BILEVEL_DATA"):
+        dirs.append(Path(os.environ["BILEVEL_DATA"]) / name)
+    dirs.append(Path.home() / ".cache" / "bilevel" / name)
+    roots = [os.environ.get("TORCHVISION_ROOT"), Path.home() / ".torch" / "datasets", Path("data")]
+    dirs += [Path(r) / _TORCHVISION_NAME[name] / "raw" for r in roots if r]
+    if name == "fashion-mnist":
+        dirs.append(Path("/usr/share/datasets/fashion-mnist"))
+    return dirs
+
+
+def find_idx(name: str, data_dir: str | os.PathLike[str] | None = None) -> list[Path]:
+    """The four IDX files of ``name`` (train images, train labels, test images, test labels);
+    a one-line :class:`UserError` saying where it looked and how to get them when absent."""
+    looked = candidate_dirs(name, data_dir)
+    for folder in looked:
+        files = [_idx_file(folder, s) for s in _STEMS]
+        if all(files):
+            return files  # type: ignore[return-value]
+    where = ", ".join(str(d) for d in looked)
+    raise UserError(f"no {name} IDX files found (looked in {where}): {_HOW_TO_GET[name]}, "
+                    "or pass --data-dir DIR, or use --dataset digits")
+
+
+def load_images(name: str, data_dir: str | os.PathLike[str] | None = None) -> Images:
+    """``digits`` (scikit-learn's, 1797 8×8 images, split 1000 / 797 here in file order) or
+    ``mnist`` / ``fashion-mnist`` (60000 / 10000 28×28) from local IDX files."""
+    if name == "digits":
+        from sklearn.datasets import load_digits
+
+        d = load_digits()
+        X = torch.as_tensor(d.data, dtype=torch.float32) / 16.0
+        y = torch.as_tensor(d.target, dtype=torch.long)
+        return Images(X[:1000], y[:1000], X[1000:], y[1000:], (8, 8), name, "sklearn.datasets.load_digits")
+    if name not in _TORCHVISION_NAME:
+        raise UserError(f"--dataset {name!r} is not known: pass one of {', '.join(DATASETS)}")
+    files = find_idx(name, data_dir)
+    Xtr, ytr, Xte, yte = (read_idx(f) for f in files)
+    if Xtr.ndim != 3 or Xte.ndim != 3 or len(Xtr) != len(ytr) or len(Xte) != len(yte):
+        raise UserError(f"{files[0].parent} holds IDX files of the wrong shapes ({tuple(Xtr.shape)}, "
+                        f"{tuple(ytr.shape)}): check --data-dir")
+    shape = (int(Xtr.shape[1]), int(Xtr.shape[2]))
+    to_float = lambda X: X.reshape(len(X), -1).to(torch.float32) / 255.0
+    return Images(to_float(Xtr), ytr.long(), to_float(Xte), yte.long(), shape, name, str(files[0].parent))
+
+
+def write_idx(path: str | os.PathLike[str], array: torch.Tensor) -> None:
+    """Write ``array`` (uint8, int32 or float32) as an IDX file, gzipped when ``path`` ends in
+    ``.gz``: used by the tests to make small IDX files, and by anyone caching a subset."""
+    codes = {v: k for k, v in _IDX_DTYPES.items()}
+    if array.dtype not in codes:
+        raise ValueError(f"IDX cannot hold {array.dtype}")
+    a = array.contiguous()
+    head = bytes([0, 0, codes[a.dtype], a.ndim]) + struct.pack(f">{a.ndim}i", *a.shape)
+    itemsize = a.element_size()
+    data = a.reshape(-1).view(torch.uint8)
+    if itemsize > 1:
+        data = data.view(-1, itemsize).flip(1).reshape(-1)
+    body = head + bytes(data.numpy().tobytes())
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "wb") as f:
+        f.write(body)
