@@ -21,6 +21,7 @@ FIRST_COMPUTE = {
     "deq-digits": "load_data",
     "elastic-net": "load_data",
     "sample-complexity": "make_problem",
+    "biased-reg": "load_data",
 }
 
 
