@@ -22,6 +22,9 @@ FIRST_COMPUTE = {
     "elastic-net": "load_data",
     "sample-complexity": "make_problem",
     "biased-reg": "load_data",
+    "meta-glar": "load_data",
+    "lr-schedule": "load_data",
+    "vs-optuna": "make_problem",
 }
 
 

