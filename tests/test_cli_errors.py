@@ -21,6 +21,7 @@ FIRST_COMPUTE = {
     "deq-digits": "load_data",
     "elastic-net": "load_data",
     "sample-complexity": "make_problem",
+    "hyperclean": "load_data",
     "biased-reg": "load_data",
     "meta-glar": "load_data",
     "lr-schedule": "load_data",
