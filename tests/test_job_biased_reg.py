@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+import bilevel
 from bilevel.apps import biased_reg as job
 
 DT = torch.float64
@@ -46,6 +47,23 @@ def test_meta_gradient_is_not_the_gradient_at_a_wrong_point(one_thread):
     hg = job.exact_meta_gradient(h, X, y, lam)
     wrong = lam * (h - job.inner_solution(h, X, y, 2 * lam))
     assert (wrong - hg).norm() > 1e-3 * hg.norm()
+
+
+def test_aid_at_the_sgd_output_corrects_it_on_the_square_loss(one_thread):
+    """At an inexact w (the SGD output), AID adds −(∂²_{hw}g)ᵀH⁻¹∇_w g = λH⁻¹∇_w g to λ(h − w):
+    one Newton step, exact for a quadratic g — the exact meta-gradient from the inexact iterate,
+    while the paper's λ(h − w̄) is off."""
+    X, y, h = _task(n=8, d=3, seed=4)
+    lam = 0.8
+    w_bar = job.within_task_sgd(X, y, h, torch.tensor(lam, dtype=DT), "square")
+
+    def g(w, hh):
+        return job.regularised_risk(w, hh, X, y, lam)
+
+    aid = bilevel.hypergrad(g, w_bar, h, inner_loss=g, solver=bilevel.CG(tol=1e-13), inner_tol=math.inf)
+    exact = job.exact_meta_gradient(h, X, y, lam)
+    torch.testing.assert_close(aid, exact, rtol=1e-9, atol=1e-12)
+    assert (lam * (h - w_bar) - exact).norm() > 1e-3 * exact.norm()
 
 
 def _sgd_loop(X, y, h, lam, loss):

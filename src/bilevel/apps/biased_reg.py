@@ -18,8 +18,10 @@ which is what runs here, for every (λ, γλ) of a grid at once (``γλ`` is the
 the way to ``w̄`` one meta-step goes); λ and γ are chosen on validation tasks at every
 point of the curve, as the paper selects them.  :func:`exact_meta_gradient` computes
 ``∇L_Z(h)`` with :func:`bilevel.hypergrad` (optimality form, square loss, the inner
-problem solved exactly) — the library's answer for an inexact or non-quadratic inner
-problem — and the run reports how far the online estimate ``λ(h − w̄_h)`` is from it.
+problem solved exactly), and the run reports how far the online estimate ``λ(h − w̄_h)``
+is from it.  (At an inexact ``w`` AID adds ``λH⁻¹∇_w g(w)``, a Newton step: exact for the
+square loss from the SGD output itself, at the price of a linear solve per task — tested,
+not used by the online algorithm, which stays the paper's.)
 
 Baselines: independent task learning (``h = 0``, the same SGD, λ chosen on validation
 tasks) and the oracle bias (the environment's true mean ``h*``).  Experiments:
