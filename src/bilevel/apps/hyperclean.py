@@ -25,12 +25,13 @@ as is CG from the previous ``v``.
 singular along the bias direction), and AID with CG is exact up to the solver tolerances.
 
 ``--model mlp``: one hidden tanh layer.  ``g`` is not convex; L-BFGS, warm-started from
-the previous outer step, follows one local minimum ``w(λ)``.  At a local minimum with
-``H ≻ 0`` the implicit function theorem gives the derivative of that branch, so AID with
-CG is still the right hypergradient (no truncation bias, unlike truncated ITD, and O(|w|)
-memory); should ``H`` be indefinite at the iterate (the inner solve stopped short of a
-minimum), the library's CG raises rather than return a wrong number.  The tests check the
-MLP's hypergradient against finite differences of the re-solved inner problem.
+the previous outer step, follows one local minimum ``w(λ)``.  Wherever ``H`` is
+nonsingular the implicit function theorem gives the derivative of that branch, so AID is
+still the right hypergradient (no truncation bias, unlike truncated ITD, and O(|w|)
+memory); the linear system is solved by MINRES, which needs ``H`` symmetric but not
+definite (at an inexact minimum of a non-convex ``g``, CG can meet negative curvature).
+The tests check the MLP's hypergradient against finite differences of the re-solved
+inner problem.
 
 Table (test accuracy): trained on the noisy labels with uniform weights; trained on the
 clean validation set only; hyper-cleaned (retrained from scratch with the learned
@@ -208,11 +209,12 @@ def solve_inner(inner_loss: Any, params: Params, lam: torch.Tensor, cfg: Config,
 
 def job_hypergrad(data: Data, params: Params, lam: torch.Tensor, cfg: Config,
                   init: Any = None) -> tuple[torch.Tensor, bilevel.HypergradInfo]:
-    """``∇F(λ)`` at ``params ≈ w(λ)``: AID, optimality form, CG on ``H v = ∇_w F``."""
+    """``∇F(λ)`` at ``params ≈ w(λ)``: AID, optimality form, ``H v = ∇_w F`` by CG (linear
+    model) or MINRES (MLP)."""
     inner_loss, outer_loss = make_losses(data, cfg)
+    solver = bilevel.CG if cfg.model == "linear" else bilevel.MINRES  # the MLP's H need not be definite
     return bilevel.hypergrad(outer_loss, params, lam.detach(), inner_loss=inner_loss,
-                             solver=bilevel.CG(maxiter=cfg.cg_maxiter, tol=cfg.cg_tol), init=init,
-                             return_info=True)
+                             solver=solver(maxiter=cfg.cg_maxiter, tol=cfg.cg_tol), init=init, return_info=True)
 
 
 def flagging(weights: torch.Tensor, corrupted: torch.Tensor, threshold: float) -> dict[str, float]:
@@ -275,9 +277,10 @@ def learn_weights(data: Data, cfg: Config, ckpt: Path, *, saved: dict[str, Any] 
         st.update(lam=lam.detach().clone(), adam=opt.state_dict())
         _runs.save_checkpoint(ckpt, st)
 
-    for _ in _runs.steps(cfg.steps, state, save, every=every, show=show):
+    for step in _runs.steps(cfg.steps, state, save, every=every, show=show):
         t0 = time.perf_counter()
-        params, info = solve_inner(inner_loss, state["params"], lam, cfg)
+        # the first solve starts cold (from the initial parameters): give it more iterations
+        params, info = solve_inner(inner_loss, state["params"], lam, cfg, (5 if step == 0 else 1) * cfg.inner_maxiter)
         t1 = time.perf_counter()
         hg, hinfo = job_hypergrad(data, params, lam, cfg, init=state["v"])
         t2 = time.perf_counter()
@@ -327,7 +330,8 @@ def run(cfg: Config, out: Path, *, resume: bool = False, show: bool = True, ever
                     "lam": lam.tolist(), "corrupted": corrupted.tolist()},
         "scales": {"lam": "logit", "weights": "linear (σ of lam)"},
         "history": hist,
-        "hypergrad": {"solver": f"CG(maxiter={cfg.cg_maxiter}, tol={cfg.cg_tol})",
+        "hypergrad": {"solver": f"{'CG' if cfg.model == 'linear' else 'MINRES'}(maxiter={cfg.cg_maxiter}, "
+                                f"tol={cfg.cg_tol})",
                       "max_cg_residual": max(hist["cg_residual"]), "cg_iterations": sum(hist["cg_iterations"]),
                       "max_inner_grad_norm": max(hist["inner_grad_norm"])},
         "timings": {"learn_seconds": t_learn, "inner_seconds": sum(hist["inner_seconds"]),
