@@ -72,13 +72,14 @@ def test_hypergradient_matches_finite_differences(name, one_thread):
 def test_resume_gives_the_same_numbers(tmp_path, monkeypatch, one_thread):
     """Interrupted inside an Optuna study and inside a gradient run, then resumed twice: the
     final choices equal an uninterrupted run's (steps budget: wall clock is not reproducible)."""
-    full = job.run(job.Config(**job.QUICK), tmp_path / "full", show=False)
+    cfg = job.Config(**{**job.QUICK, "seeds": 1})
+    full = job.run(cfg, tmp_path / "full", show=False)
 
     real, calls = job.make_problem, {"n": 0}
 
     def interrupt_at(k):
-        def make(cfg, name, seed):
-            pb = real(cfg, name, seed)
+        def make(cfg, name, seed, device="cpu"):
+            pb = real(cfg, name, seed, device)
             val_loss, hypergrad = pb.val_loss, pb.hypergrad
 
             def counted(f):
@@ -93,14 +94,16 @@ def test_resume_gives_the_same_numbers(tmp_path, monkeypatch, one_thread):
         return make
 
     out = tmp_path / "cut"
-    cfg = job.Config(**job.QUICK)
-    # call 5: inside the TPE study of (demo, seed 0); call 20: inside a later run
-    for k, resume in ((5, False), (20, True)):
+    # call 5: TPE's 2nd trial on (a), after 3 hypergradients; after the resume, call 8: the 3rd
+    # step of the gradient run on (b), after the 2 TPE and 3 CMA-ES trials (a) had left
+    for k, resume in ((5, False), (8, True)):
         calls["n"] = 0
         monkeypatch.setattr(job, "make_problem", interrupt_at(k))
         with pytest.raises(KeyboardInterrupt):
             job.run(cfg, out, resume=resume, show=False)
     monkeypatch.setattr(job, "make_problem", real)
+    saved = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert len(saved["runs"]["enet/seed0/gradient"]["trace"]) == 2  # cut where meant, mid-run
     resumed = job.run(cfg, out, resume=True, show=False)
     a, b = _finals(full), _finals(resumed)
     assert a.keys() == b.keys()

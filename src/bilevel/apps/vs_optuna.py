@@ -64,8 +64,8 @@ class Config:
     seeds: int = 3
     seed: int = 0  # seed s of the run uses seed + s
     budget_kind: str = "time"  # "time": seconds per (problem, method, seed); "steps": evaluations
-    seconds_demo: float = 10.0
-    seconds_enet: float = 4.0
+    seconds_demo: float = 15.0
+    seconds_enet: float = 8.0
     steps_demo: int = 30  # with budget_kind "steps": trials / outer steps per (method, seed)
     steps_enet: int = 60
     methods: tuple[str, ...] = METHODS
@@ -107,22 +107,29 @@ class Problem:
     test: Callable[[torch.Tensor], dict[str, float]]
 
 
-def demo_problem(cfg: Config, seed: int) -> Problem:
+def _on(data: Any, device: torch.device | str) -> Any:
+    """A frozen data dataclass with its tensors moved to ``device``."""
+    return dataclasses.replace(data, **{f.name: getattr(data, f.name).to(device) for f in dataclasses.fields(data)
+                                        if isinstance(getattr(data, f.name), torch.Tensor)})
+
+
+def demo_problem(cfg: Config, seed: int, device: torch.device | str = "cpu") -> Problem:
     """(a): per-feature L2 on digits + noise (:mod:`bilevel.apps.ho_digits`)."""
     hcfg = HO.Config(seed=seed, n_noise=cfg.demo_noise, n_train=cfg.demo_train, n_val=cfg.demo_val,
                      inner_maxiter=cfg.demo_inner_maxiter, inner_tol=cfg.demo_inner_tol, lr=cfg.demo_lr)
-    data = HO.load_data(hcfg)
+    data = _on(HO.load_data(hcfg), device)
+    zeros = lambda: tuple(p.to(device) for p in HO.init_params(data))  # noqa: E731
     inner_loss, _ = HO.make_losses(data)
     opts = HO.inner_options(hcfg)
     d = data.X_train.shape[1]
     low, high = hcfg.box[0] * HO.LN10, hcfg.box[1] * HO.LN10
 
     def fit(lam: torch.Tensor) -> HO.Params:
-        return HO.solve_inner(inner_loss, HO.init_params(data), lam.to(HO.DTYPE), **opts)[0]
+        return HO.solve_inner(inner_loss, zeros(), lam.to(device, HO.DTYPE), **opts)[0]
 
     def grad_init() -> dict[str, Any]:
-        lam = torch.full((d,), hcfg.lam0, dtype=HO.DTYPE)
-        return {"hp": lam, "params": HO.init_params(data), "v": None, "adam": None}
+        lam = torch.full((d,), hcfg.lam0, dtype=HO.DTYPE, device=device)
+        return {"hp": lam, "params": zeros(), "v": None, "adam": None}
 
     def hypergrad(st: dict[str, Any]) -> tuple[float, torch.Tensor]:
         params, _ = HO.solve_inner(inner_loss, st["params"], st["hp"], **opts)
@@ -133,28 +140,29 @@ def demo_problem(cfg: Config, seed: int) -> Problem:
     def test(lam: torch.Tensor) -> dict[str, float]:
         return HO.evaluate(data, fit(lam))
 
-    return Problem("demo", d, low, high, torch.full((d,), hcfg.lam0, dtype=HO.DTYPE),
+    return Problem("demo", d, low, high, torch.full((d,), hcfg.lam0, dtype=HO.DTYPE, device=device),
                    lambda lam: HO.evaluate(data, fit(lam))["val_loss"], grad_init, hypergrad, hcfg.lr, test)
 
 
-def enet_problem(cfg: Config, seed: int) -> Problem:
+def enet_problem(cfg: Config, seed: int, device: torch.device | str = "cpu") -> Problem:
     """(b): elastic net with θ = (log α1, log α2) on diabetes + noise (:mod:`bilevel.apps.elastic_net`)."""
     ecfg = EN.Config(seed=seed, n_noise=cfg.enet_noise, lr=cfg.enet_lr)
-    data = EN.load_data(ecfg)
+    data = _on(EN.load_data(ecfg), device)
     d = data.X_train.shape[1]
-    phi = EN.make_map(data.X_train, data.y_train, torch.zeros(d, dtype=torch.long))
+    phi = EN.make_map(data.X_train, data.y_train, torch.zeros(d, dtype=torch.long, device=device))
     low, high = math.log(ecfg.box[0]), math.log(ecfg.box[1])
-    start = torch.full((2,), math.log(ecfg.alpha0), dtype=EN.DTYPE)
+    start = torch.full((2,), math.log(ecfg.alpha0), dtype=EN.DTYPE, device=device)
 
     def outer_loss(w: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
         return 0.5 * ((data.X_val @ w - data.y_val) ** 2).mean()
 
     def fit(theta: torch.Tensor, w0: torch.Tensor | None = None) -> torch.Tensor:
-        w0 = torch.zeros(d, dtype=EN.DTYPE) if w0 is None else w0
-        return EN.solve_inner(phi, w0, theta.to(EN.DTYPE), ecfg)
+        w0 = torch.zeros(d, dtype=EN.DTYPE, device=device) if w0 is None else w0
+        return EN.solve_inner(phi, w0, theta.to(device, EN.DTYPE), ecfg)
 
     def grad_init() -> dict[str, Any]:
-        return {"hp": start.clone(), "params": torch.zeros(d, dtype=EN.DTYPE), "v": None, "adam": None}
+        return {"hp": start.clone(), "params": torch.zeros(d, dtype=EN.DTYPE, device=device), "v": None,
+                "adam": None}
 
     def hypergrad(st: dict[str, Any]) -> tuple[float, torch.Tensor]:
         # F = ½ MSE_val: the hypergradient of the MSE is twice this one
@@ -190,8 +198,8 @@ def _adam(st: dict[str, Any], hg: torch.Tensor, lr: float, low: float, high: flo
 PROBLEM_BUILDERS = {"demo": demo_problem, "enet": enet_problem}
 
 
-def make_problem(cfg: Config, name: str, seed: int) -> Problem:
-    return PROBLEM_BUILDERS[name](cfg, seed)
+def make_problem(cfg: Config, name: str, seed: int, device: torch.device | str = "cpu") -> Problem:
+    return PROBLEM_BUILDERS[name](cfg, seed, device)
 
 
 # ----------------------------------------------------------------------------- the methods
@@ -266,7 +274,7 @@ def run_optuna(cfg: Config, pb: Problem, method: str, seed: int, limit: float, s
         t0 = time.perf_counter()
         study.sampler = _sampler(method, seed, n, pb)
         trial = study.ask(dists)
-        hp = torch.tensor([trial.params[k] for k in dists], dtype=torch.float64)
+        hp = torch.tensor([trial.params[k] for k in dists], dtype=torch.float64, device=pb.start.device)
         val = pb.val_loss(hp)
         # the clock at the end of the trial; its own tell is counted in the next trial's
         trial.set_user_attr("elapsed", elapsed + time.perf_counter() - t0)
@@ -277,7 +285,7 @@ def run_optuna(cfg: Config, pb: Problem, method: str, seed: int, limit: float, s
     trace = [(t.user_attrs["elapsed"], t.value) for t in done]
     best = min(done, key=lambda t: (t.value, t.number))
     return {"elapsed": trace[-1][0], "trace": trace, "best_val": best.value,
-            "best_hp": torch.tensor([best.params[k] for k in dists], dtype=torch.float64)}
+            "best_hp": torch.tensor([best.params[k] for k in dists], dtype=torch.float64, device=pb.start.device)}
 
 
 # ----------------------------------------------------------------------------- the run
@@ -308,7 +316,8 @@ def check_config(cfg: Config) -> None:
             raise _runs.UserError(f"--{name.replace('_', '-')} should be > 0, not {getattr(cfg, name)}")
 
 
-def run(cfg: Config, out: Path, *, resume: bool = False, show: bool = True, every: int = 1) -> dict[str, Any]:
+def run(cfg: Config, out: Path, *, resume: bool = False, show: bool = True, every: int = 1,
+        device: torch.device | str = "cpu") -> dict[str, Any]:
     """Every (problem, seed, method) run, then the test evaluation of each final choice;
     ``results.json`` and ``vs_optuna.png`` in ``out``."""
     check_config(cfg)
@@ -328,7 +337,7 @@ def run(cfg: Config, out: Path, *, resume: bool = False, show: bool = True, ever
     def problem(name: str, s: int) -> Problem:
         if (name, s) not in problems:
             problems.clear()  # one instance alive at a time
-            problems[(name, s)] = make_problem(cfg, name, cfg.seed + s)
+            problems[(name, s)] = make_problem(cfg, name, cfg.seed + s, device)
         return problems[(name, s)]
 
     def save(st: dict[str, Any]) -> None:
@@ -348,7 +357,7 @@ def run(cfg: Config, out: Path, *, resume: bool = False, show: bool = True, ever
         else:
             r = run_optuna(cfg, pb, method, cfg.seed + s, limit, storage, key)
         state["runs"][key] = {"elapsed": r["elapsed"], "trace": r["trace"], "best_val": r["best_val"],
-                              "best_hp": r["best_hp"], "test": pb.test(r["best_hp"])}
+                              "best_hp": r["best_hp"].cpu(), "test": pb.test(r["best_hp"])}
     results = summarise(cfg, state["runs"])
     results["config"] = dataclasses.asdict(cfg)
     results["optuna_storage"] = str(journal)
@@ -370,6 +379,13 @@ def _curve(trace: list[tuple[float, float]], grid: list[float]) -> list[float]:
     return out
 
 
+def _band(grid: list[float], curves: list[list[float]]) -> dict[str, list[float]]:
+    """Mean, min and max over seeds at each time (NaN until every seed has a value)."""
+    cols = [c if not any(map(math.isnan, c)) else None for c in zip(*curves)]
+    return {"time": grid, "mean": [statistics.fmean(c) if c else math.nan for c in cols],
+            "min": [min(c) if c else math.nan for c in cols], "max": [max(c) if c else math.nan for c in cols]}
+
+
 def _mean_sd(xs: list[float]) -> tuple[float, float]:
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
@@ -388,7 +404,8 @@ def summarise(cfg: Config, runs: dict[str, Any]) -> dict[str, Any]:
         for m in cfg.methods:
             rs = [runs[_key(name, s, m)] for s in range(cfg.seeds)]
             curves = [_curve(r["trace"], grid) for r in rs]
-            cols = list(zip(*curves))
+            # paired across methods: each run's best so far over F(start), its first evaluation
+            rel = [[v / r["trace"][0][1] for v in c] for c, r in zip(curves, rs)]
             vals, tests = [r["best_val"] for r in rs], [r["test"][test_key[name]] for r in rs]
             per_method[m] = {
                 "seeds": [{"best_val": r["best_val"], "evaluations": len(r["trace"]), "seconds": r["elapsed"],
@@ -398,10 +415,8 @@ def summarise(cfg: Config, runs: dict[str, Any]) -> dict[str, Any]:
                 "test_mean": _mean_sd(tests)[0], "test_sd": _mean_sd(tests)[1],
                 "evaluations_mean": statistics.fmean(len(r["trace"]) for r in rs),
                 "seconds_mean": statistics.fmean(r["elapsed"] for r in rs),
-                "curve": {"time": grid,
-                          "mean": [statistics.fmean(c) if not any(map(math.isnan, c)) else math.nan for c in cols],
-                          "min": [min(c) if not any(map(math.isnan, c)) else math.nan for c in cols],
-                          "max": [max(c) if not any(map(math.isnan, c)) else math.nan for c in cols]},
+                "curve": _band(grid, curves),
+                "curve_relative_to_start": _band(grid, rel),
             }
             if name == "demo":
                 per_method[m]["test_acc_mean"] = statistics.fmean(r["test"]["test_acc"] for r in rs)
@@ -440,16 +455,17 @@ def table(res: dict[str, Any]) -> str:
 
 
 def plot(res: dict[str, Any], path: Path) -> None:
-    """Best validation loss so far against time, mean over seeds and the min–max band."""
+    """Best validation loss so far over its value at the common start, against time: the mean
+    over seeds and the min–max band (dividing by F(start) pairs the methods on each seed)."""
     fig, axes = _runs.figure(ncols=2, size=(12, 4.2))
     for ax, (name, pr) in zip(axes, res["problems"].items()):
         for i, (m, r) in enumerate(pr["methods"].items()):
-            c = r["curve"]
+            c = r["curve_relative_to_start"]
             color = _runs.PALETTE[i]
             ax.plot(c["time"], c["mean"], color=color, label=LABELS[m])
             ax.fill_between(c["time"], c["min"], c["max"], color=color, alpha=0.2, linewidth=0)
-        ax.set(xlabel="wall-clock seconds (per seed)", ylabel=f"best {pr['val_metric']} so far", title=TITLES[name])
-        ax.set_yscale("log")
+        ax.set(xlabel="wall-clock seconds (per seed)" if pr["budget_kind"] == "time" else "seconds (per seed)",
+               ylabel=f"best {pr['val_metric']} so far / at start", title=TITLES[name])
         ax.legend(fontsize=8)
     fig.savefig(path, dpi=110)
 
@@ -457,7 +473,7 @@ def plot(res: dict[str, Any], path: Path) -> None:
 def _parser() -> argparse.ArgumentParser:
     p = _runs.job_parser("bilevel run vs-optuna",
                          "Gradient hyperparameter optimisation vs Optuna TPE and CMA-ES at equal wall clock.",
-                         "runs/vs-optuna", checkpoint_every=True)
+                         "runs/vs-optuna", device=True, checkpoint_every=True)
     p.add_argument("--seeds", type=int, default=None, help=f"seeds per method (default {Config.seeds})")
     p.add_argument("--budget-kind", choices=("time", "steps"), default=None,
                    help="time: the same seconds per method and seed (default); steps: the same number of "
@@ -487,9 +503,11 @@ def config_from_args(args: argparse.Namespace) -> Config:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     cfg = config_from_args(args)
+    device = _runs.resolve_device(args.device)
     out = Path(args.out)
     with _runs.one_thread():  # small problems: one thread is fastest, for every method alike
-        res = run(cfg, out, resume=args.resume, show=not args.no_progress, every=args.checkpoint_every)
+        res = run(cfg, out, resume=args.resume, show=not args.no_progress, every=args.checkpoint_every,
+                  device=device)
     print(table(res))
     for name, pr in res["problems"].items():
         print(f"{name}: lowest validation loss: {LABELS[pr['winner_val']]}; lowest test loss: "
