@@ -50,11 +50,17 @@ def read_idx(path: str | os.PathLike[str]) -> torch.Tensor:
     dimensions), ``NN`` big-endian int32 sizes, then the data, big-endian."""
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        raw = f.read()
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:  # a cut or corrupt .gz, an unreadable file
+        raise UserError(f"{path} cannot be read ({type(e).__name__}: {' '.join(str(e).split())}): "
+                        "download it again") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
         raise UserError(f"{path} is not an IDX file (bad magic number): check the file or --data-dir")
     dtype, ndim = _IDX_DTYPES[raw[2]], raw[3]
+    if len(raw) < 4 + 4 * ndim:
+        raise UserError(f"{path} is truncated: its header is cut short; download it again")
     dims = struct.unpack(f">{ndim}i", raw[4 : 4 + 4 * ndim])
     body = raw[4 + 4 * ndim :]
     count = 1
