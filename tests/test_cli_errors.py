@@ -25,6 +25,8 @@ FIRST_COMPUTE = {
     "poison": "load_data",
     "biased-reg": "load_data",
     "meta-glar": "load_data",
+    "hyperrep": "load_data",
+    "imaml": "check_tasks",
     "lr-schedule": "load_data",
     "vs-optuna": "make_problem",
 }
