@@ -1,8 +1,10 @@
 """bilevel: hypergradients and bilevel optimisation in PyTorch."""
 
-from bilevel import linear_solve, nn, nonsmooth, prox
+from bilevel import error, linear_solve, nn, nonsmooth, prox
 from bilevel._checks import ConvergenceWarning
+from bilevel.budget import hypergrad_within
 from bilevel.custom import ImplicitInfo, implicit
+from bilevel.error import ErrorEstimate
 from bilevel.fixed_point_solve import Anderson, Picard, fixed_point_solve
 from bilevel.ift import HypergradInfo, hypergrad
 from bilevel.linear_solve import (
@@ -46,6 +48,8 @@ __version__ = "0.1.0"
 __all__ = [
     "hypergrad",
     "HypergradInfo",
+    "hypergrad_within",
+    "ErrorEstimate",
     "unroll",
     "forward_hypergrad",
     "implicit",
@@ -85,6 +89,7 @@ __all__ = [
     "OuterState",
     "OuterInfo",
     "prox",
+    "error",
     "nonsmooth",
     "proximal_gradient",
     "ProximalGradient",

@@ -652,3 +652,26 @@ def info_number(t: Any) -> Any:
     if isinstance(t, torch.Tensor) and "Vmap" in active_transforms():
         return t
     return item(t) if isinstance(t, torch.Tensor) else t
+
+
+def warn_error_above(where: str, err: Any, tol: float, iterations: int, inner_fix: str | None = None) -> None:
+    """Warn (:class:`ConvergenceWarning`) when a hypergradient asked for with ``tol=`` has an
+    estimated error (``err``: a :class:`bilevel.error.ErrorEstimate`) above it, naming the
+    part to blame: the inner solution (more inner iterations) or the linear solve (maxiter)."""
+    total, inner = worst(torch.as_tensor(err.total)), worst(torch.as_tensor(err.inner))
+    if total <= tol:
+        return
+    if not inner < tol and inner_fix is not None:
+        fix = inner_fix
+    elif not inner < tol:
+        fix = (f"the inner error alone is estimated at {inner:.2e} >= tol, so no linear solve can meet tol with "
+               "these params: solve the inner problem further (its residual should shrink about "
+               f"{inner / tol:.2g}x or more), or use bilevel.hypergrad_within, which chooses the inner iterations too")
+    elif not math.isfinite(total):
+        fix = "the estimate is not finite (the system looks singular, or Φ not a contraction, near params)"
+    else:
+        fix = f"the linear solve stopped after {iterations} iterations: raise the solver's maxiter"
+    warnings.warn(
+        f"{where}: estimated hypergradient error {total:.2e} > tol {tol:.1e} (inner part {inner:.2e}); {fix}.",
+        ConvergenceWarning, stacklevel=user_stacklevel(),
+    )

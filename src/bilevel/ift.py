@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
 
@@ -31,6 +31,7 @@ from bilevel._checks import (
     check_finite,
     check_inner_solution,
     check_input_finite,
+    check_positive,
     check_reached,
     check_shaped_like,
     check_tol,
@@ -45,16 +46,28 @@ from bilevel._checks import (
     no_transform,
     scalar,
     unreached,
+    warn_error_above,
     worst,
 )
-from bilevel.linear_solve import CG, SYMMETRIC_SOLVERS, NormalCG, Solver, check_solver, solve_leaves
+from bilevel.error import AIDError, ErrorEstimate
+from bilevel.linear_solve import (
+    CG,
+    SYMMETRIC_SOLVERS,
+    Dense,
+    FixedPoint,
+    Neumann,
+    NormalCG,
+    Solver,
+    check_solver,
+    solve_leaves,
+)
 
 __all__ = ["hypergrad", "HypergradInfo", "ImplicitOperator", "implicit_operator", "check_symmetric"]
 
 Leaves = list[torch.Tensor]
 
 
-@partial(info_pytree, static=("solver", "iterations"))  # returnable under vmap
+@partial(info_pytree, static=("solver", "iterations", "inner_iterations"))  # returnable under vmap
 @dataclass(frozen=True)
 class HypergradInfo:
     """What :func:`hypergrad` did.
@@ -64,6 +77,13 @@ class HypergradInfo:
     ``‖Φ(w, λ) − w‖`` (fixed-point form) at the ``params`` given, i.e. how far they are
     from the inner solution.  ``v``: the solution of the linear system, shaped like
     ``params``; pass it as ``init=`` to warm-start the next call.
+
+    ``error_estimate``: an estimate of an upper bound on ``‖ĝ − ∇F(λ)‖`` (Euclidean over all
+    hparams leaves) from the inner residual and the linear-system residual, and
+    ``contraction``: the estimated ``q̂`` (``‖∂_wΦ‖``, or ``1 − μ̂/L̂`` for an inner_loss);
+    ``error``: the parts (:class:`bilevel.error.ErrorEstimate`).  ``None`` with
+    ``estimate=False``.  An estimate, not a guarantee: see :mod:`bilevel.error`.
+    ``inner_iterations``: inner steps run (by :func:`bilevel.hypergrad_within`; else 0).
     """
 
     solver: str
@@ -73,6 +93,10 @@ class HypergradInfo:
     inner_residual: float | torch.Tensor
     outer_loss: float | torch.Tensor
     v: Any
+    error_estimate: float | torch.Tensor | None = None
+    contraction: float | torch.Tensor | None = None
+    error: ErrorEstimate | None = None
+    inner_iterations: int = 0
 
 
 @dataclass(frozen=True)
@@ -83,7 +107,8 @@ class ImplicitOperator:
     ``A = H`` (optimality form), ``A = (I − ∂_wΦ)ᵀ`` (fixed-point form) or
     ``A = (∂_w F)ᵀ`` (root form, ``F(w, λ) = 0``);
     ``cross(v)``: the λ-part, ``−(∂²_{λw} g)ᵀ v``, ``(∂_λΦ)ᵀ v`` or ``−(∂_λ F)ᵀ v``, on
-    leaves of ``hparams``.  ``inner_residual``: ``‖∇_w g‖``, ``‖Φ(w, λ) − w‖`` or ``‖F‖``.
+    leaves of ``hparams``.  ``inner_residual``: ``‖∇_w g‖``, ``‖Φ(w, λ) − w‖`` or ``‖F‖``,
+    and ``inner_vector`` the vector itself (``∇_w g``, ``Φ(w, λ) − w`` or ``F``, detached).
     """
 
     matvec: Callable[[Leaves], Leaves]
@@ -91,6 +116,7 @@ class ImplicitOperator:
     cross: Callable[[Leaves], Leaves]
     symmetric: bool
     inner_residual: torch.Tensor
+    inner_vector: Leaves | None = None
 
 
 def _tree_fn(fn: Callable[..., Any], wspec: Any, lspec: Any) -> Callable[[Leaves, Leaves], Any]:
@@ -134,9 +160,8 @@ def implicit_operator(
                 wr, lr = _fresh_leaves(w), _fresh_leaves(lam)
                 gw = _grads(scalar_g(wr, lr), wr, create_graph=True)
             hvp_ag = lambda v: _grads(gw, wr, v)  # noqa: E731
-            return ImplicitOperator(
-                hvp_ag, hvp_ag, lambda v: [-t for t in _grads(gw, lr, v)], True, T.norm([t.detach() for t in gw])
-            )
+            gw_d = [t.detach() for t in gw]
+            return ImplicitOperator(hvp_ag, hvp_ag, lambda v: [-t for t in _grads(gw, lr, v)], True, T.norm(gw_d), gw_d)
 
         grad_w = grad(scalar_g)
         gw, hvp = vjp(lambda wl: grad_w(wl, lam), w)
@@ -146,7 +171,7 @@ def implicit_operator(
             _, mixed = vjp(lambda ll: grad_w(w, ll), lam)
             return [-t for t in mixed(v)[0]]
 
-        return ImplicitOperator(matvec, matvec, cross, True, T.norm(gw))
+        return ImplicitOperator(matvec, matvec, cross, True, T.norm(gw), [t.detach() for t in gw])
 
     name = "fixed_point" if root is None else "root"
     phi = _tree_fn(fixed_point if root is None else root, wspec, lspec)  # type: ignore[arg-type]
@@ -178,7 +203,7 @@ def implicit_operator(
         def root_cross(v: Leaves) -> Leaves:  # −(∂_λ F)ᵀ v
             return [-t for t in dl_of(v)]
 
-        return ImplicitOperator(jt1, root_rmatvec, root_cross, False, T.norm(out))
+        return ImplicitOperator(jt1, root_rmatvec, root_cross, False, T.norm(out), [t.detach() for t in out])
 
     def matvec(v: Leaves) -> Leaves:  # (I − ∂_wΦ)ᵀ v
         return T.sub(v, jt1(v))
@@ -186,7 +211,8 @@ def implicit_operator(
     def rmatvec(u: Leaves) -> Leaves:  # (I − ∂_wΦ) u, forward mode
         return T.sub(u, jvp(lambda wl: phi_leaves(wl, lam), (w,), (u,))[1])
 
-    return ImplicitOperator(matvec, rmatvec, dl_of, False, T.norm(T.sub(out, w)))
+    step = [t.detach() for t in T.sub(out, w)]
+    return ImplicitOperator(matvec, rmatvec, dl_of, False, T.norm(step), step)
 
 
 def _plain_autograd(*groups: Leaves) -> bool:
@@ -273,6 +299,8 @@ def hypergrad(
     inner_tol: float | None = None,
     create_graph: bool = False,
     return_info: bool = False,
+    tol: float | None = None,
+    estimate: bool = True,
 ) -> Any:
     """Hypergradient ``∇F(λ)`` of ``F(λ) = f(w(λ), λ)`` by implicit differentiation (AID).
 
@@ -297,6 +325,15 @@ def hypergrad(
     ``hparams``, and its derivative is the second-order hypergradient (through the linear
     solve: as accurate as the solve's tolerance).
 
+    Accuracy: with ``return_info=True`` the info carries ``error_estimate``, an a-posteriori
+    estimate of ``‖ĝ − ∇F(λ)‖`` (the inner error from the inner residual, the linear-system
+    error from its true residual; :mod:`bilevel.error`; about 10 extra products,
+    ``estimate=False`` skips it).  ``tol=ε`` chooses the linear solve's length instead of
+    ``solver.tol``: iterations (up to ``solver.maxiter``) are added until the estimated
+    error is ``≤ ε``; if the inner error alone exceeds ``ε`` it warns that ``ε`` cannot be
+    met with these ``params`` (solve the inner problem further, or use
+    :func:`bilevel.hypergrad_within`, which chooses the inner iterations too).
+
     Trust: warns (:class:`~bilevel.ConvergenceWarning`) when the linear solve missed its
     tolerance, and when ``params`` are not an inner solution: ``‖∇_w g‖`` (or
     ``‖Φ(w) − w‖``) above ``inner_tol`` if given, else a relative inner residual
@@ -306,6 +343,10 @@ def hypergrad(
     """
     check_solver(solver)
     check_autograd("hypergrad")
+    if tol is not None:
+        check_positive("hypergrad: tol", tol)
+    if not isinstance(estimate, bool):
+        raise TypeError(f"hypergrad: estimate should be True or False, not {estimate!r}.")
     if inner_tol is not None and inner_tol != math.inf:  # inf: no inner-residual warning at all
         check_tol("hypergrad: inner_tol", inner_tol)
     (w, wspec), (lam, lspec) = leaves_pair(params, hparams, "params")
@@ -316,13 +357,14 @@ def hypergrad(
     check_input_finite(w, "params")
     check_input_finite(lam, "hparams")
     try:
-        hg, v, sinfo, op, fval = _hypergrad(outer_loss, w, lam, wspec, lspec, inner_loss, fixed_point, solver, init,
-                                            precond)
-    except RuntimeError as err:
-        raise explain_inference(err, "hypergrad") from err
-    check_converged("hypergrad", sinfo, getattr(solver, "tol", 0.0),
-                    "Raise the solver's maxiter, use CG() (inner_loss) "
-                    "or GMRES() (fixed_point), or pass init=info.v of the previous call.")
+        hg, v, sinfo, op, fval, err = _hypergrad(outer_loss, w, lam, wspec, lspec, inner_loss, fixed_point, solver,
+                                                 init, precond, tol, estimate and (return_info or tol is not None))
+    except RuntimeError as exc:
+        raise explain_inference(exc, "hypergrad") from exc
+    if tol is None:
+        check_converged("hypergrad", sinfo, getattr(solver, "tol", 0.0),
+                        "Raise the solver's maxiter, use CG() (inner_loss) "
+                        "or GMRES() (fixed_point), or pass init=info.v of the previous call.")
     check_inner_solution("hypergrad", "inner_loss" if inner_loss is not None else "fixed_point", op.inner_residual,
                          lambda: inner_scale(w, op.matvec if inner_loss is not None else None), inner_tol)
     out = T.tree_unflatten(hg if keep_graph else [t.detach() for t in hg], lspec)
@@ -336,21 +378,29 @@ def hypergrad(
         item(op.inner_residual.detach()),
         item(fval.detach()),
         T.tree_unflatten([t.detach() for t in v], wspec),
+        None if err is None else err.total,
+        None if err is None else err.contraction,
+        err,
     )
     return out, info
 
 
-def _hypergrad(outer_loss, w, lam, wspec, lspec, inner_loss, fixed_point, solver, init, precond):
-    f = _tree_fn(outer_loss, wspec, lspec)
+def _outer_grads(f: Callable[[Leaves, Leaves], Any], w: Leaves, lam: Leaves) -> tuple[Any, Leaves, Leaves]:
+    """``(f, ∇_w f, ∇_λ f)`` at ``(w, λ)``."""
     if _plain_autograd(w, lam):
         with torch.enable_grad():
             wr, lr = _fresh_leaves(w), _fresh_leaves(lam)
             fval = scalar(f(wr, lr), "outer_loss")
             both = _grads(fval, wr + lr)
-        gw, gl, fval = both[: len(w)], both[len(w) :], fval.detach()
-    else:
-        fval, f_vjp = vjp(lambda wl, ll: scalar(f(wl, ll), "outer_loss"), w, lam)
-        gw, gl = f_vjp(torch.ones_like(fval))
+        return fval.detach(), both[: len(w)], both[len(w) :]
+    fval, f_vjp = vjp(lambda wl, ll: scalar(f(wl, ll), "outer_loss"), w, lam)
+    gw, gl = f_vjp(torch.ones_like(fval))
+    return fval, list(gw), list(gl)
+
+
+def _hypergrad(outer_loss, w, lam, wspec, lspec, inner_loss, fixed_point, solver, init, precond, tol, estimate):
+    f = _tree_fn(outer_loss, wspec, lspec)
+    fval, gw, gl = _outer_grads(f, w, lam)
     check_finite(gw, "∇_w outer_loss")
 
     op = implicit_operator(w, lam, wspec, lspec, inner_loss=inner_loss, fixed_point=fixed_point)
@@ -362,12 +412,76 @@ def _hypergrad(outer_loss, w, lam, wspec, lspec, inner_loss, fixed_point, solver
             raise ValueError(f"init should be shaped like params ({T.describe(T.tree_unflatten(w, wspec))}), "
                              f"got {T.describe(init)}.")
     pc = None if precond is None else checked_output(T.flat_fn(precond, wspec), w, "precond")
-    v, sinfo = solve_leaves(op.matvec, gw, solver, x0, op.rmatvec if isinstance(solver, NormalCG) else None, pc)
-    check_finite(v, f"the linear-system solution v ({sinfo.solver}, {sinfo.iterations} iterations)")
-    hg = T.add(gl, op.cross(v))
+
+    def solve_once(slv: Solver, start: Leaves | None) -> tuple[Leaves, Any, Leaves, list]:
+        lanczos: list = []
+        v, sinfo = solve_leaves(op.matvec, gw, slv, start, op.rmatvec if isinstance(slv, NormalCG) else None, pc,
+                                lanczos if pc is None else None)
+        check_finite(v, f"the linear-system solution v ({sinfo.solver}, {sinfo.iterations} iterations)")
+        return v, sinfo, op.cross(v), lanczos
+
+    err = None
+    if estimate:
+        form = {"inner_loss": inner_loss} if inner_loss is not None else {"fixed_point": fixed_point}
+        estimator = AIDError(
+            op, lambda w2: implicit_operator(w2, lam, wspec, lspec, **form),
+            lambda w2: _outer_grads(f, w2, lam)[1:], w, gw, gl, inner_loss is not None,
+        )
+    if tol is None:
+        v, sinfo, cross_v, lanczos = solve_once(solver, x0)
+        if estimate:
+            err = estimator(v, cross_v, lanczos)
+    else:
+        v, sinfo, cross_v, err = _meet_tol(solve_once, estimator, solver, x0, tol)
+    hg = T.add(gl, cross_v)
     check_finite(hg, "the hypergradient")
     check_reached(hg, lspec, lambda: _unused_hparams(f, inner_loss, fixed_point, w, lam, wspec, lspec))
-    return hg, v, sinfo, op, fval
+    return hg, v, sinfo, op, fval, err
+
+
+# first chunk of linear-solver iterations under tol=; later chunks are sized from the estimate
+_FIRST_CHUNK = 8
+_MAX_ROUNDS = 6
+
+
+def _meet_tol(solve_once, estimator, solver, x0, tol):
+    """Linear-solver iterations in chunks until the estimated error is ≤ tol: the linear
+    part of the estimate scales with the residual, so each chunk asks for the residual that
+    brings it to ``tol − inner`` (with a margin of 2), warm-started from the previous ``v``."""
+    if isinstance(solver, Dense):
+        v, sinfo, cross_v, lanczos = solve_once(solver, x0)
+        err = estimator(v, cross_v, lanczos)
+        warn_error_above("hypergrad", err, tol, sinfo.iterations)
+        return v, sinfo, cross_v, err
+    if isinstance(solver, Neumann):  # continuing a Neumann sum is a warm-started Richardson iteration
+        solver = FixedPoint(solver.maxiter, solver.tol, solver.step)
+    cap, used, v, rel, rounds = solver.maxiter, 0, x0, 0.0, 0
+    chunk = min(cap, _FIRST_CHUNK)
+    while True:
+        slv = replace(solver, maxiter=chunk, tol=rel)
+        v, sinfo, cross_v, lanczos = solve_once(slv, v)
+        used += sinfo.iterations
+        rounds += 1
+        err = estimator(v, cross_v, lanczos)
+        total, inner, linear = worst(_t(err.total)), worst(_t(err.inner)), worst(_t(err.linear))
+        if total <= tol or used >= cap or rounds >= _MAX_ROUNDS or not math.isfinite(total):
+            break
+        if inner >= 0.9 * tol:  # the linear part cannot help much: bring it to tol/2 and stop there
+            target = 0.5 * tol
+            if linear <= target:
+                break
+        else:
+            target = 0.5 * (tol - inner)
+        res = worst(_t(sinfo.residual))
+        rel = res * target / linear if linear > 0 else 0.0
+        chunk = cap - used
+    sinfo = type(sinfo)(sinfo.solver, used, sinfo.residual, sinfo.converged)
+    warn_error_above("hypergrad", err, tol, used)
+    return v, sinfo, cross_v, err
+
+
+def _t(x: Any) -> torch.Tensor:
+    return x if isinstance(x, torch.Tensor) else torch.tensor(x)
 
 
 def _unused_hparams(f, inner_loss, fixed_point, w, lam, wspec, lspec) -> list[int]:

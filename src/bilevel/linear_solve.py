@@ -302,13 +302,17 @@ class _GraphNeeded(Exception):
     """The operator's output is recorded by autograd: the scalars must stay tensors."""
 
 
-def _cg(matvec: MatVec, b: Leaves, x: Leaves | None, maxiter: int, tol: float, precond: MatVec | None = None):
+def _cg(matvec: MatVec, b: Leaves, x: Leaves | None, maxiter: int, tol: float, precond: MatVec | None = None,
+        lanczos: list | None = None):
     # Preconditioned CG (M ≈ A⁻¹ SPD; M = I without precond): z = M r, ρ = <r, z>.
+    # ``lanczos``: a list that receives (α_k, β_k) of every iteration (the Lanczos tridiagonal
+    # of A comes free with them: bilevel.error.ritz_values)
     if _host_scalars(b):
         try:
-            return _cg_host(matvec, b, x, maxiter, tol, precond)
+            return _cg_host(matvec, b, x, maxiter, tol, precond, lanczos)
         except _GraphNeeded:  # found at the first product: start again on tensors
-            pass
+            if lanczos is not None:
+                lanczos.clear()
     bnorm = T.norm(b)
     mon = _Monitor(b[0], bnorm, tol)
     if x is None:
@@ -345,6 +349,8 @@ def _cg(matvec: MatVec, b: Leaves, x: Leaves | None, maxiter: int, tol: float, p
         rho_new = T.vdot(r, z)
         rr = rho_new if precond is None else T.vdot(r, r)
         p = T.axpy(_safe_div(rho_new, rho), p, z)
+        if lanczos is not None:
+            lanczos.append((_safe_div(rho, pap), _safe_div(rho_new, rho)))
         rho = rho_new
         k += 1
         if not (k % mon.every) and bool(values(bad_neg | bad_null | bad_pc).any()):
@@ -368,7 +374,8 @@ def _cg_failed(negative: bool, res: float) -> None:
 
 
 def _cg_host(
-    matvec: MatVec, b: Leaves, x: Leaves | None, maxiter: int, tol: float, precond: MatVec | None = None
+    matvec: MatVec, b: Leaves, x: Leaves | None, maxiter: int, tol: float, precond: MatVec | None = None,
+    lanczos: list | None = None,
 ):
     """:func:`_cg` with its scalars as Python floats (same iterates, same checks)."""
     bnorm = T.norm(b).item()
@@ -401,6 +408,8 @@ def _cg_host(
         rho_new = T.vdot(r, z).item()
         rr = rho_new if precond is None else T.vdot(r, r).item()
         p = T.axpy(rho_new / rho if rho != 0 else 0.0, p, z)
+        if lanczos is not None:
+            lanczos.append((alpha, rho_new / rho if rho != 0 else 0.0))
         rho = rho_new
         k += 1
     res = math.sqrt(rr) / bnorm if bnorm > 0 else math.sqrt(rr)
@@ -609,6 +618,7 @@ def solve_leaves(
     init: Leaves | None = None,
     rmatvec: MatVec | None = None,
     precond: MatVec | None = None,
+    lanczos: list | None = None,
 ) -> tuple[Leaves, SolveInfo]:
     """:func:`solve` on flat lists of leaves (no pytree handling); the core calls this.
 
@@ -616,6 +626,8 @@ def solve_leaves(
     ``x`` (one extra matvec for the Krylov solvers, whose recurrences can drift from it);
     ``converged`` means it is within ``tol`` (or at the rounding floor of the dtype).
     A Krylov breakdown that leaves the residual large raises :class:`SingularSystemError`.
+    ``lanczos``: a list that CG fills with its coefficients ``(α_k, β_k)`` (other solvers
+    leave it empty), for the spectrum estimates of :mod:`bilevel.error`.
     """
     check_solver(solver)
     name = type(solver).__name__
@@ -628,7 +640,7 @@ def solve_leaves(
     elif isinstance(solver, Neumann):
         x, k, res, broke, anorm = _richardson(matvec, b, None, solver.step, solver.maxiter, solver.tol, name)
     elif isinstance(solver, CG):
-        x, k, res, broke, anorm = _cg(matvec, b, init, solver.maxiter, solver.tol, precond)
+        x, k, res, broke, anorm = _cg(matvec, b, init, solver.maxiter, solver.tol, precond, lanczos)
     elif isinstance(solver, MINRES):
         x, k, res, broke, anorm = _minres(matvec, b, init, solver.maxiter, solver.tol)
     elif isinstance(solver, GMRES):
