@@ -94,16 +94,16 @@ def test_resume_gives_the_same_numbers(tmp_path, monkeypatch, one_thread):
         return make
 
     out = tmp_path / "cut"
-    # call 5: TPE's 2nd trial on (a), after 3 hypergradients; after the resume, call 8: the 3rd
-    # step of the gradient run on (b), after the 2 TPE and 3 CMA-ES trials (a) had left
-    for k, resume in ((5, False), (8, True)):
+    # call 4: TPE's first trial on (a) (the enqueued common start), after 3 hypergradients; after
+    # the resume, call 8: the 2nd step of the gradient run on (b), after 3 TPE and 3 CMA-ES trials
+    for k, resume in ((4, False), (8, True)):
         calls["n"] = 0
         monkeypatch.setattr(job, "make_problem", interrupt_at(k))
         with pytest.raises(KeyboardInterrupt):
             job.run(cfg, out, resume=resume, show=False)
     monkeypatch.setattr(job, "make_problem", real)
     saved = torch.load(out / "checkpoint.pt", weights_only=False)
-    assert len(saved["runs"]["enet/seed0/gradient"]["trace"]) == 2  # cut where meant, mid-run
+    assert len(saved["runs"]["enet/seed0/gradient"]["trace"]) == 1  # cut where meant, mid-run
     resumed = job.run(cfg, out, resume=True, show=False)
     a, b = _finals(full), _finals(resumed)
     assert a.keys() == b.keys()

@@ -261,13 +261,13 @@ def run_optuna(cfg: Config, pb: Problem, method: str, seed: int, limit: float, s
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(storage=storage, study_name=name, direction="minimize", load_if_exists=True)
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
-        if t.state == TrialState.RUNNING:
-            study.tell(t.number, state=TrialState.FAIL)
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        study.tell(t.number, state=TrialState.FAIL)
     dists = {k: optuna.distributions.FloatDistribution(pb.low, pb.high) for k in _as_params(pb.start)}
-    if not study.get_trials(deepcopy=False):
-        study.enqueue_trial(_as_params(pb.start))  # the same first point as the gradient method
     done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if not done and not study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        # the same first point as the gradient method (again, if an interrupt took the first)
+        study.enqueue_trial(_as_params(pb.start))
     elapsed = done[-1].user_attrs["elapsed"] if done else 0.0
     n = len(done)
     while not _spent(cfg, elapsed, n, limit):
