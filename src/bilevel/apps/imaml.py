@@ -249,7 +249,8 @@ def evaluate(method: str, model: nn.Module, cfg: Config, device: torch.device | 
         losses.append(vmap(one)(*t))
     all_losses = torch.cat(losses).double().cpu()
     half = 1.96 * float(all_losses.std()) / math.sqrt(len(all_losses)) if len(all_losses) > 1 else float("nan")
-    return {"mse": float(all_losses.mean()), "ci95": half, "tasks": len(all_losses)}
+    return {"mse": float(all_losses.mean()), "ci95": half, "median": float(all_losses.median()),
+            "tasks": len(all_losses)}
 
 
 # ----------------------------------------------------------------------------- time and peak memory
@@ -420,9 +421,9 @@ def check_tasks(cfg: Config) -> None:
 def tables(results: dict[str, Any]) -> str:
     cfg = results["config"]
     lines = [f"query MSE on {results['test']['iMAML']['tasks']} test tasks after T={cfg['inner_steps']} "
-             f"steps (K={cfg['shots']} shots), mean ± 95% interval"]
+             f"steps (K={cfg['shots']} shots): mean ± 95% interval, and median"]
     for name, r in results["test"].items():
-        lines.append(f"  {name:<12} {r['mse']:8.4f} ± {r['ci95']:.4f}")
+        lines.append(f"  {name:<12} {r['mse']:10.4f} ± {r['ci95']:<10.4f} median {r['median']:.4f}")
     lines.append("")
     head = f"  {'T':>4}  " + "  ".join(f"{m + ' ms':>11} {m + ' MiB':>11}" for m in METHODS)
     lines += [f"time per meta-step and peak memory of one meta-step ({cfg['meta_batch']} tasks)", head]
