@@ -359,11 +359,21 @@ def warn_unconverged(where: str, solver: str, iterations: int, residual: Any, to
     )
 
 
+_TRUNCATED_FIX = (
+    "Truncated CG stopped at negative curvature: A (the inner Hessian at params) is indefinite, "
+    "so the result solves the system only on the Krylov space where A was positive. Solve the "
+    "inner problem further, or damp the system (hypergrad(..., damping=δ)), or use MINRES()."
+)
+
+
 def check_converged(where: str, info: Any, tol: float, fix: str) -> None:
     """Warn (:class:`ConvergenceWarning`) when a solve with ``tol > 0`` missed it in any row;
     ``tol = 0`` asks for exactly ``maxiter`` iterations, so there is nothing to warn about."""
     if tol > 0 and not converged_all(info.converged):
-        warn_unconverged(where, info.solver, info.iterations, info.residual, tol, fix)
+        if converged_all(~torch.as_tensor(getattr(info, "negative_curvature", False))):
+            warn_unconverged(where, info.solver, info.iterations, info.residual, tol, fix)
+        else:
+            warn_unconverged(where, info.solver, info.iterations, info.residual, tol, _TRUNCATED_FIX)
 
 
 def checked_output(

@@ -67,7 +67,7 @@ __all__ = ["hypergrad", "HypergradInfo", "ImplicitOperator", "implicit_operator"
 Leaves = list[torch.Tensor]
 
 
-@partial(info_pytree, static=("solver", "iterations", "inner_iterations"))  # returnable under vmap
+@partial(info_pytree, static=("solver", "iterations", "inner_iterations", "damping"))  # returnable under vmap
 @dataclass(frozen=True)
 class HypergradInfo:
     """What :func:`hypergrad` did.
@@ -84,6 +84,7 @@ class HypergradInfo:
     ``error``: the parts (:class:`bilevel.error.ErrorEstimate`).  ``None`` with
     ``estimate=False``.  An estimate, not a guarantee: see :mod:`bilevel.error`.
     ``inner_iterations``: inner steps run (by :func:`bilevel.hypergrad_within`; else 0).
+    ``damping``: the ``δ`` of the damped system ``(A + δI) v = b`` that was solved.
     """
 
     solver: str
@@ -97,6 +98,7 @@ class HypergradInfo:
     contraction: float | torch.Tensor | None = None
     error: ErrorEstimate | None = None
     inner_iterations: int = 0
+    damping: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -301,6 +303,7 @@ def hypergrad(
     return_info: bool = False,
     tol: float | None = None,
     estimate: bool = True,
+    damping: float = 0.0,
 ) -> Any:
     """Hypergradient ``∇F(λ)`` of ``F(λ) = f(w(λ), λ)`` by implicit differentiation (AID).
 
@@ -334,6 +337,17 @@ def hypergrad(
     met with these ``params`` (solve the inner problem further, or use
     :func:`bilevel.hypergrad_within`, which chooses the inner iterations too).
 
+    ``damping=δ > 0`` solves ``(A + δI) v = ∇_w f`` instead (A = H, or ``(I − ∂_wΦ)ᵀ``):
+    the Levenberg–Marquardt / iMAML / TorchOpt ``ridge`` regularisation for an inner problem
+    that is not solved (a network after a few hundred optimiser steps), where H is
+    indefinite or nearly singular and CG would stop at negative curvature.  It is a
+    deliberate bias: the result is the hypergradient of the inner problem with an extra
+    proximal term ``δ/2 ‖w − w_t‖²`` at the current ``w_t`` — exact as ``δ → 0`` where H is
+    positive definite, and shrinking ``v`` (so the implicit part of ``∇F``) along directions
+    of curvature below ``δ``.  Choose ``δ`` around the size of the smallest curvature you
+    trust (e.g. the L2 weight); ``info.damping`` and the error estimate refer to the damped
+    system.
+
     Trust: warns (:class:`~bilevel.ConvergenceWarning`) when the linear solve missed its
     tolerance, and when ``params`` are not an inner solution: ``‖∇_w g‖`` (or
     ``‖Φ(w) − w‖``) above ``inner_tol`` if given, else a relative inner residual
@@ -345,6 +359,8 @@ def hypergrad(
     check_autograd("hypergrad")
     if tol is not None:
         check_positive("hypergrad: tol", tol)
+    if damping != 0:
+        check_positive("hypergrad: damping", damping)
     if not isinstance(estimate, bool):
         raise TypeError(f"hypergrad: estimate should be True or False, not {estimate!r}.")
     if inner_tol is not None and inner_tol != math.inf:  # inf: no inner-residual warning at all
@@ -358,7 +374,8 @@ def hypergrad(
     check_input_finite(lam, "hparams")
     try:
         hg, v, sinfo, op, fval, err = _hypergrad(outer_loss, w, lam, wspec, lspec, inner_loss, fixed_point, solver,
-                                                 init, precond, tol, estimate and (return_info or tol is not None))
+                                                 init, precond, tol, estimate and (return_info or tol is not None),
+                                                 float(damping))
     except RuntimeError as exc:
         raise explain_inference(exc, "hypergrad") from exc
     if tol is None:
@@ -381,6 +398,7 @@ def hypergrad(
         None if err is None else err.total,
         None if err is None else err.contraction,
         err,
+        damping=float(damping),
     )
     return out, info
 
@@ -398,12 +416,21 @@ def _outer_grads(f: Callable[[Leaves, Leaves], Any], w: Leaves, lam: Leaves) -> 
     return fval, list(gw), list(gl)
 
 
-def _hypergrad(outer_loss, w, lam, wspec, lspec, inner_loss, fixed_point, solver, init, precond, tol, estimate):
+def _damped(op: ImplicitOperator, damping: float) -> ImplicitOperator:
+    """The operator of ``(A + δI) v = b`` (and ``(A + δI)ᵀ = Aᵀ + δI``)."""
+    if damping == 0:
+        return op
+    return replace(op, matvec=lambda v: T.axpy(damping, v, op.matvec(v)),
+                   rmatvec=lambda u: T.axpy(damping, u, op.rmatvec(u)))
+
+
+def _hypergrad(outer_loss, w, lam, wspec, lspec, inner_loss, fixed_point, solver, init, precond, tol, estimate,
+               damping=0.0):
     f = _tree_fn(outer_loss, wspec, lspec)
     fval, gw, gl = _outer_grads(f, w, lam)
     check_finite(gw, "∇_w outer_loss")
 
-    op = implicit_operator(w, lam, wspec, lspec, inner_loss=inner_loss, fixed_point=fixed_point)
+    op = _damped(implicit_operator(w, lam, wspec, lspec, inner_loss=inner_loss, fixed_point=fixed_point), damping)
     check_symmetric(solver, op, w)
     x0 = None
     if init is not None:
@@ -424,7 +451,7 @@ def _hypergrad(outer_loss, w, lam, wspec, lspec, inner_loss, fixed_point, solver
     if estimate:
         form = {"inner_loss": inner_loss} if inner_loss is not None else {"fixed_point": fixed_point}
         estimator = AIDError(
-            op, lambda w2: implicit_operator(w2, lam, wspec, lspec, **form),
+            op, lambda w2: _damped(implicit_operator(w2, lam, wspec, lspec, **form), damping),
             lambda w2: _outer_grads(f, w2, lam)[1:], w, gw, gl, inner_loss is not None,
         )
     if tol is None:
@@ -441,6 +468,7 @@ def _hypergrad(outer_loss, w, lam, wspec, lspec, inner_loss, fixed_point, solver
 
 # first chunk of linear-solver iterations under tol=; later chunks are sized from the estimate
 _FIRST_CHUNK = 8
+_FIRST_CHUNK_WARM = 2  # from init= (e.g. the previous call's v), a few iterations tell how far it is
 _MAX_ROUNDS = 6
 
 
@@ -456,7 +484,7 @@ def _meet_tol(solve_once, estimator, solver, x0, tol):
     if isinstance(solver, Neumann):  # continuing a Neumann sum is a warm-started Richardson iteration
         solver = FixedPoint(solver.maxiter, solver.tol, solver.step)
     cap, used, v, rel, rounds = solver.maxiter, 0, x0, 0.0, 0
-    chunk = min(cap, _FIRST_CHUNK)
+    chunk = min(cap, _FIRST_CHUNK if x0 is None else _FIRST_CHUNK_WARM)
     while True:
         slv = replace(solver, maxiter=chunk, tol=rel)
         v, sinfo, cross_v, lanczos = solve_once(slv, v)

@@ -105,13 +105,25 @@ class Neumann:
 
 @dataclass(frozen=True)
 class CG:
-    """Conjugate gradient; ``A`` must be symmetric positive definite."""
+    """Conjugate gradient; ``A`` must be symmetric positive definite.
+
+    ``on_negative_curvature``: what to do when ``⟨p, A p⟩ ≤ 0`` (an indefinite ``A``, e.g.
+    the Hessian of a network's loss away from a minimum): ``"raise"`` a
+    :class:`SolverError` (default), or ``"stop"``: truncated CG (Steihaug), which returns
+    the iterate built so far, the minimiser of ``½xᵀAx − bᵀx`` over the Krylov space where
+    ``A`` was positive, sets ``SolveInfo.negative_curvature`` and warns that the tolerance
+    was missed.  Combine it with damping (``hypergrad(..., damping=δ)``) rather than rely on it.
+    """
 
     maxiter: int = 100
     tol: float = 1e-10
+    on_negative_curvature: str = "raise"
 
     def __post_init__(self) -> None:
         _check_options("CG", self.maxiter, self.tol)
+        if self.on_negative_curvature not in ("raise", "stop"):
+            raise ValueError("CG: on_negative_curvature should be 'raise' or 'stop', "
+                             f"not {self.on_negative_curvature!r}.")
 
 
 @dataclass(frozen=True)
@@ -182,12 +194,14 @@ class SolveInfo:
     recurrence's estimate, which can drift from it by orders of magnitude);
     ``converged``: ``residual ≤ tol`` (or at the dtype's rounding floor,
     ``64·eps·(1 + ‖A x‖/‖b‖)``).  Under ``vmap`` the last two are per-row tensors.
+    ``negative_curvature``: truncated CG (``on_negative_curvature="stop"``) stopped there.
     """
 
     solver: str
     iterations: int
     residual: float | torch.Tensor
     converged: bool | torch.Tensor
+    negative_curvature: bool | torch.Tensor = False
 
 
 Leaves = list[torch.Tensor]
@@ -303,13 +317,14 @@ class _GraphNeeded(Exception):
 
 
 def _cg(matvec: MatVec, b: Leaves, x: Leaves | None, maxiter: int, tol: float, precond: MatVec | None = None,
-        lanczos: list | None = None):
+        lanczos: list | None = None, truncated: list | None = None):
     # Preconditioned CG (M ≈ A⁻¹ SPD; M = I without precond): z = M r, ρ = <r, z>.
     # ``lanczos``: a list that receives (α_k, β_k) of every iteration (the Lanczos tridiagonal
-    # of A comes free with them: bilevel.error.ritz_values)
+    # of A comes free with them: bilevel.error.ritz_values).  ``truncated``: None raises at
+    # negative curvature; a list stops there instead (truncated CG) and receives the flag
     if _host_scalars(b):
         try:
-            return _cg_host(matvec, b, x, maxiter, tol, precond, lanczos)
+            return _cg_host(matvec, b, x, maxiter, tol, precond, lanczos, truncated)
         except _GraphNeeded:  # found at the first product: start again on tensors
             if lanczos is not None:
                 lanczos.clear()
@@ -329,6 +344,7 @@ def _cg(matvec: MatVec, b: Leaves, x: Leaves | None, maxiter: int, tol: float, p
     # failure flags stay on the device and are read with the residual (every mon.every
     # iterations): no extra host sync per iteration on an accelerator
     bad_neg = bad_null = bad_pc = torch.zeros((), dtype=torch.bool, device=bnorm.device)
+    halted = torch.zeros_like(bnorm, dtype=torch.bool)  # truncated CG: rows stopped at negative curvature
     k = 0
     while not mon.done(k, rr.sqrt()) and k < maxiter:
         ap = matvec(p)
@@ -339,10 +355,14 @@ def _cg(matvec: MatVec, b: Leaves, x: Leaves | None, maxiter: int, tol: float, p
         live = rr > noise
         broken = live & (pap <= _BREAKDOWN * eps * pp * anorm)
         neg = broken & ~_in_null_space(T.vdot(ap, ap), pp, anorm, eps)
-        bad_neg, bad_null = bad_neg | neg, bad_null | (broken & ~neg)
+        if truncated is not None:  # stop the row here: its iterate and residual stay as they are
+            halted, neg = halted | neg, neg & False
+        bad_neg, bad_null = bad_neg | neg, bad_null | (broken & ~neg & ~halted)
         if precond is not None:
             bad_pc = bad_pc | ((rho <= 0) & live)
         alpha = mon.freeze(rr.sqrt(), _safe_div(rho, pap))
+        if truncated is not None:
+            alpha = torch.where(halted, torch.zeros_like(alpha), alpha)
         x = T.axpy(alpha, p, x)
         r = T.axpy(-alpha, ap, r)
         z = r if precond is None else precond(r)
@@ -357,6 +377,10 @@ def _cg(matvec: MatVec, b: Leaves, x: Leaves | None, maxiter: int, tol: float, p
             if bool(values(bad_pc).any()):
                 raise SolverError(_PRECOND_NOT_SPD)
             _cg_failed(bool(values(bad_neg).any()), worst(_relative(rr.sqrt(), bnorm)))
+        if truncated is not None and not (k % mon.every) and bool(values(halted).all()):
+            break
+    if truncated is not None:
+        truncated.append(halted)
     return x, k, _relative(rr.sqrt(), bnorm), None, anorm
 
 
@@ -375,7 +399,7 @@ def _cg_failed(negative: bool, res: float) -> None:
 
 def _cg_host(
     matvec: MatVec, b: Leaves, x: Leaves | None, maxiter: int, tol: float, precond: MatVec | None = None,
-    lanczos: list | None = None,
+    lanczos: list | None = None, truncated: list | None = None,
 ):
     """:func:`_cg` with its scalars as Python floats (same iterates, same checks)."""
     bnorm = T.norm(b).item()
@@ -400,7 +424,11 @@ def _cg_host(
         pap, pp = T.vdot(p, ap).item(), T.vdot(p, p).item()
         anorm = max(anorm, pap / pp if pp > 0 else 0.0)
         if rr > noise and pap <= _BREAKDOWN * eps * pp * anorm:  # rounding-level curvature does not count
-            _cg_failed(not _in_null_space(T.vdot(ap, ap).item(), pp, anorm, eps), math.sqrt(rr) / bnorm)
+            negative = not _in_null_space(T.vdot(ap, ap).item(), pp, anorm, eps)
+            if negative and truncated is not None:  # truncated CG: the iterate so far is the answer
+                truncated.append(True)
+                break
+            _cg_failed(negative, math.sqrt(rr) / bnorm)
         alpha = rho / pap if pap != 0 else 0.0
         x = T.axpy(alpha, p, x)
         r = T.axpy(-alpha, ap, r)
@@ -413,6 +441,8 @@ def _cg_host(
         rho = rho_new
         k += 1
     res = math.sqrt(rr) / bnorm if bnorm > 0 else math.sqrt(rr)
+    if truncated is not None and not truncated:
+        truncated.append(False)
     return x, k, torch.tensor(res, dtype=b[0].real.dtype), None, torch.tensor(anorm, dtype=b[0].real.dtype)
 
 
@@ -635,12 +665,15 @@ def solve_leaves(
         raise ValueError(f"precond is used by CG() only, not by {name}(); drop it or use CG().")
     if b and not b[0].is_floating_point():
         raise TypeError(f"{name}: the right-hand side should hold floating-point tensors, not {b[0].dtype}.")
+    negative: Any = False
     if isinstance(solver, FixedPoint):
         x, k, res, broke, anorm = _richardson(matvec, b, init, solver.step, solver.maxiter, solver.tol, name)
     elif isinstance(solver, Neumann):
         x, k, res, broke, anorm = _richardson(matvec, b, None, solver.step, solver.maxiter, solver.tol, name)
     elif isinstance(solver, CG):
-        x, k, res, broke, anorm = _cg(matvec, b, init, solver.maxiter, solver.tol, precond, lanczos)
+        truncated = None if solver.on_negative_curvature == "raise" else []
+        x, k, res, broke, anorm = _cg(matvec, b, init, solver.maxiter, solver.tol, precond, lanczos, truncated)
+        negative = truncated[-1] if truncated else False
     elif isinstance(solver, MINRES):
         x, k, res, broke, anorm = _minres(matvec, b, init, solver.maxiter, solver.tol)
     elif isinstance(solver, GMRES):
@@ -662,7 +695,12 @@ def solve_leaves(
     converged = res <= torch.clamp(_floor(anorm, x, b), min=tol)
     if broke is not None and bool(values(broke & ~converged).any()):
         raise SingularSystemError(_SINGULAR.format(name=name, res=worst(torch.where(converged, 0 * res, res))))
-    return x, SolveInfo(name, k, item(res), item(converged))
+    conv = item(converged)
+    if isinstance(negative, torch.Tensor):
+        negative = item(negative)
+    if isinstance(conv, torch.Tensor) and not isinstance(negative, torch.Tensor):  # per row under vmap
+        negative = torch.full_like(conv, bool(negative))
+    return x, SolveInfo(name, k, item(res), conv, negative)
 
 
 @eager  # under torch.compile: runs eagerly (a graph break), never mis-traced
