@@ -84,7 +84,7 @@ def hypergrad_within(
                              "lambda w, lam: w - eta * grad_w inner_loss(w, lam)) when no fixed_point= is given.")
         inner_step = fixed_point
     w, used, chunk, linear_its = params, 0, min(_FIRST_INNER_CHUNK, max_inner), 0
-    v, products = init, 0
+    v, products, history = init, 0, []
     while True:
         w, rate = _inner_steps(inner_step, w, hparams, chunk)
         used += chunk
@@ -101,6 +101,11 @@ def hypergrad_within(
             break
         target = 0.5 * tol  # the inner part's share of tol; the linear part gets the rest
         r = worst(rate)
+        if history and 0 < inner < history[-1][1]:
+            # the rate of the estimated inner error itself over the last chunk: step-length
+            # ratios over a short chunk see the fast modes and promise too much
+            r = (inner / history[-1][1]) ** (1.0 / (used - history[-1][0]))
+        history.append((used, inner))
         if inner <= target:  # only the linear part is short: hypergrad(tol=) hit maxiter
             break
         if math.isfinite(r) and 0 < r < 1:

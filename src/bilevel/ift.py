@@ -468,7 +468,7 @@ def _hypergrad(outer_loss, w, lam, wspec, lspec, inner_loss, fixed_point, solver
 
 # first chunk of linear-solver iterations under tol=; later chunks are sized from the estimate
 _FIRST_CHUNK = 8
-_FIRST_CHUNK_WARM = 2  # from init= (e.g. the previous call's v), a few iterations tell how far it is
+_FIRST_CHUNK_WARM = 4  # from init= (e.g. the previous call's v), a few iterations tell how far it is
 _MAX_ROUNDS = 6
 
 
