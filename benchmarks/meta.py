@@ -378,11 +378,11 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         for row in rows:
             if row["family"] == family and "_out32" in row:
                 row["rel_err_float32_vs_hand"] = rel_err(row.pop("_out32"), ref32) if ref32 is not None else None
-        _ratios(rows, family)
+        _ratios(rows, family, args.device)
     return rows
 
 
-def _ratios(rows: list[dict[str, Any]], family: str) -> None:
+def _ratios(rows: list[dict[str, Any]], family: str, device: str) -> None:
     fam = [r for r in rows if r["family"] == family and "median_ms" in r]
     ours = next((r for r in fam if r["method"] == "bilevel vmap"), None)
     hand = next((r for r in fam if r["method"] == "hand vmap"), None)
@@ -396,9 +396,15 @@ def _ratios(rows: list[dict[str, Any]], family: str) -> None:
         if hand and r["peak_mib"] is not None and hand["peak_mib"]:
             r["memory_vs_hand"] = r["peak_mib"] / hand["peak_mib"]
     if ours is not None:
+        # the targets are judged on process CPU time on the CPU (the machine may be shared:
+        # wall time counts other processes too), on wall time on a GPU
+        wall = device.startswith("cuda")
+        vs_hand, vs_peer = ("time", "time") if wall else ("cpu", "cpu")
+        vs_hand, vs_peer = f"{vs_hand}_vs_hand", f"{vs_peer}_vs_best_loop_peer"
+        ours["targets_judged_on"] = "wall time" if wall else "process CPU time"
         ours["best_loop_peer"] = best["method"] if best else None
-        ours["meets_hand_target"] = bool(hand) and ours["time_vs_hand"] <= TIME_TARGET_HAND
-        ours["meets_peer_target"] = bool(best) and ours["time_vs_best_loop_peer"] <= TIME_TARGET_PEER
+        ours["meets_hand_target"] = bool(hand) and ours[vs_hand] <= TIME_TARGET_HAND
+        ours["meets_peer_target"] = bool(best) and ours[vs_peer] <= TIME_TARGET_PEER
         ours["meets_agreement_target"] = ours["rel_err_float64_vs_hand"] <= AGREE_TOL
 
 
