@@ -221,3 +221,25 @@ def test_mlp_meta_batch_hypergrad_against_a_dense_hessian_solve():
         exact = lam * torch.linalg.solve(H, gf)  # −∂²_{θw} g = λI
         assert _rel(flat({k: batched[k][i] for k in names}), flat(looped)) <= 1e-10
         assert _rel(flat(looped), exact) <= 1e-8
+
+
+def test_meta_benchmark_smoke(tmp_path):
+    # benchmarks/meta.py at a tiny size: every method that ran agrees with the hand-written
+    # torch.func meta-gradient in float64 (TorchOpt / higher rows say why when not installed)
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import meta
+
+    out = tmp_path / "meta.json"
+    assert meta.main(["--quick", "--tasks", "2", "--repeats", "1", "--no-memory", "--threads", "1",
+                      "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["results"]
+    ran = [r for r in rows if "error" not in r]
+    assert {(r["family"], r["method"]) for r in ran} >= {(f, m) for f in ("iMAML", "MAML")
+                                                        for m in ("bilevel vmap", "hand vmap")}
+    for r in ran:
+        assert r["rel_err_float64_vs_hand"] <= 1e-6, r
+        assert r["median_ms"] > 0
