@@ -671,9 +671,10 @@ def warn_error_above(where: str, err: Any, tol: float, iterations: int, inner_fi
     total, inner = worst(torch.as_tensor(err.total)), worst(torch.as_tensor(err.inner))
     if total <= tol:
         return
-    if not inner < tol and inner_fix is not None:
+    linear = total - inner
+    if not inner < tol and not linear > inner and inner_fix is not None:
         fix = inner_fix
-    elif not inner < tol:
+    elif not inner < tol and not linear > inner:
         fix = (f"the inner error alone is estimated at {inner:.2e} >= tol, so no linear solve can meet tol with "
                "these params: solve the inner problem further (its residual should shrink about "
                f"{inner / tol:.2g}x or more), or use bilevel.hypergrad_within, which chooses the inner iterations too")

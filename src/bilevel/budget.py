@@ -21,7 +21,14 @@ from typing import Any
 import torch
 
 from bilevel import _tree as T
-from bilevel._checks import ConvergenceWarning, check_count, check_positive, warn_error_above, worst
+from bilevel._checks import (
+    ConvergenceWarning,
+    check_count,
+    check_not_diverging,
+    check_positive,
+    warn_error_above,
+    worst,
+)
 from bilevel.ift import HypergradInfo, hypergrad
 from bilevel.linear_solve import CG, Solver
 
@@ -34,13 +41,17 @@ def _inner_steps(inner_step: Callable[[Any, Any], Any], w: Any, hparams: Any, n:
     """``n`` inner steps; returns the iterate and the per-step contraction ``ρ`` measured from
     the first and last step lengths (NaN when ``n < 2``)."""
     first = last = None
+    norms = []
     with torch.no_grad():
         for _ in range(n):
             new = inner_step(w, hparams)
             step = T.norm(T.sub(T.tree_flatten(new)[0], T.tree_flatten(w)[0]))
             first = step if first is None else first
             last = step
+            norms.append(step)
             w = new
+    check_not_diverging(norms, T.tree_flatten(w)[0], "hypergrad_within: the inner iterations",
+                        "inner_step should contract near the solution (a gradient step needs a step size < 2/L).")
     if n < 2 or first is None or last is None:
         return w, torch.tensor(math.nan)
     rate = (last / first).clamp(min=1e-300) ** (1.0 / (n - 1))

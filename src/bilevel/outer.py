@@ -51,6 +51,7 @@ from bilevel._checks import (
     leaves,
     scalar,
 )
+from bilevel.budget import hypergrad_within
 from bilevel.ift import hypergrad
 from bilevel.linear_solve import CG, FixedPoint, Solver, check_solver
 from bilevel.stochastic import (
@@ -114,7 +115,8 @@ class OuterInfo:
     """One outer step: ``step`` (index of the λ it was computed at), ``hypergrad_norm``
     (``‖ĝ_s‖``), ``inner_residual`` and ``linear_residual`` (estimates; ``nan`` where a
     method has no linear system), ``outer_loss`` (at ``w_s``), ``samples`` (this step) and
-    ``total_samples`` (so far)."""
+    ``total_samples`` (so far); ``hypergrad_error``: the estimated ``‖ĝ_s − ∇F(λ_s)‖``
+    (:class:`AIDBilevel` with ``tol``; else ``None``)."""
 
     step: int
     hypergrad_norm: float
@@ -123,6 +125,7 @@ class OuterInfo:
     outer_loss: float
     samples: int
     total_samples: int
+    hypergrad_error: float | None = None
 
 
 def _check_projection(projection: Any) -> None:
@@ -296,6 +299,11 @@ class AIDBilevel(_DeterministicLoop):
     ``λ ← P(λ − α_s ∇F)``.  Functions take ``(params, hparams)`` as in the core.  Inner
     iterations that diverge (NaN/Inf, a blow-up, or step norms that clearly grow, as with an
     ``inner_step_size`` just above ``2/L``) raise :class:`~bilevel.NotContractionError`.
+
+    With ``tol=ε`` (inexact hypergradient descent with automatic budgets): step ``s`` asks
+    :func:`bilevel.hypergrad_within` for a hypergradient within ``ε_s = ε/√(s+1)`` (estimated
+    error), running as many inner steps (at most ``inner_steps``) and linear-solver
+    iterations as that needs; ``warm_start=True`` makes later steps cheap.
     """
 
     outer_loss: Callable[[Any, Any], torch.Tensor]
@@ -309,15 +317,21 @@ class AIDBilevel(_DeterministicLoop):
     warm_start: bool = False
     projection: Callable[[Any], Any] | None = None
     data_size: int = 1
+    tol: float | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.solver is not None:
             check_solver(self.solver)
+        if self.tol is not None:
+            check_positive("AIDBilevel: tol", self.tol)
+            check_count("inner_steps", self.inner_steps, 1)
 
     def step(self, state: OuterState) -> tuple[OuterState, OuterInfo]:
         warm = self.warm_start and state.v is not None
         inner = _deterministic_inner(self.fixed_point, self.inner_loss, float(self.inner_step_size))
+        if self.tol is not None:
+            return self._step_within(state, inner, warm)
         w = _iterate(inner, state.params if warm else self.params0, state.hparams, self.inner_steps,
                      _inner_advice(self.inner_loss is not None))
         solver = self.solver or (CG() if self.inner_loss is not None else FixedPoint())
@@ -325,12 +339,30 @@ class AIDBilevel(_DeterministicLoop):
             self.outer_loss, w, state.hparams, inner_loss=self.inner_loss, fixed_point=self.fixed_point,
             solver=solver, init=state.v if warm else None, return_info=True,
             inner_tol=math.inf,  # inexact inner solutions by design: inner_steps and warm starts control them
+            estimate=False,
         )
         lam = _descend(state.hparams, hg, as_step_size(self.lr, "lr"), state.step, self.projection)
         used = self.data_size * (self.inner_steps + hinfo.iterations + 2)  # + ∇f and the λ-part
         total = state.samples + used
         out = OuterInfo(state.step, item(T.norm(T.tree_flatten(hg)[0])), float(hinfo.inner_residual),
                         float(hinfo.residual), float(hinfo.outer_loss), used, total)
+        return replace(state, hparams=lam, params=w, v=hinfo.v, step=state.step + 1, samples=total), out
+
+
+    def _step_within(self, state: OuterState, inner: Callable[[Any, Any], Any],
+                     warm: bool) -> tuple[OuterState, OuterInfo]:
+        eps = self.tol / math.sqrt(state.step + 1)  # type: ignore[operator]
+        solver = self.solver or (CG() if self.inner_loss is not None else FixedPoint())
+        hg, w, hinfo = hypergrad_within(
+            self.outer_loss, state.params if warm else self.params0, state.hparams, tol=eps, inner_step=inner,
+            inner_loss=self.inner_loss, fixed_point=self.fixed_point, solver=solver,
+            init=state.v if warm else None, max_inner=self.inner_steps,
+        )
+        lam = _descend(state.hparams, hg, as_step_size(self.lr, "lr"), state.step, self.projection)
+        used = self.data_size * (hinfo.inner_iterations + hinfo.iterations + hinfo.error.products + 2)
+        total = state.samples + used
+        out = OuterInfo(state.step, item(T.norm(T.tree_flatten(hg)[0])), float(hinfo.inner_residual),
+                        float(hinfo.residual), float(hinfo.outer_loss), used, total, float(hinfo.error_estimate))
         return replace(state, hparams=lam, params=w, v=hinfo.v, step=state.step + 1, samples=total), out
 
 
