@@ -12,43 +12,52 @@ solve at ``w``; ``∇F(λ) = G(w*)``.  The returned ``ĝ = ∇_λ f + cross(v̂)
 
 (Grazzi, Franceschi, Pontil, Salzo, ICML 2020, Thm. 1 bounds both for a q-contraction Φ).
 
-**Linear-system term.**  ``v̂ − A⁻¹b = −A⁻¹ r`` with ``r = b − A v̂`` the true residual.  A
-few (``steps``, default 3) Arnoldi steps on ``A y = r`` give ``y_m`` in the Krylov space
-of ``r`` and the exact remaining residual ``r_m``; then
+**Krylov estimates of A⁻¹z.**  Arnoldi (Lanczos when ``A`` is symmetric) on ``A y = z``
+from ``z``: 2 steps, and up to 8 while the unsolved part still exceeds half the solved one,
+give the minimal-residual ``y_m`` in the Krylov space, the exact remaining residual
+``r_m``, and Ritz values of ``A``; then ``‖A⁻¹z − y_m‖ ≤ ‖r_m‖/s_min`` with ``s_min`` the
+smallest Ritz modulus seen (all runs, and CG's own Lanczos tridiagonal when the solver is
+CG: its coefficients give it for free).
+
+**Linear-system term.**  ``v̂ − A⁻¹b = −A⁻¹ r`` with ``r = b − A v̂`` the true residual;
+with ``y_m`` the Krylov estimate of ``A⁻¹r``:
 
     ‖cross(A⁻¹r)‖ ≈ ‖cross(y_m)‖ + ‖C‖ ‖r_m‖ / s_min
 
-with ``s_min`` the smallest modulus of a Ritz value of ``A`` seen (these Arnoldi runs, and
-CG's own Lanczos tridiagonal when the solver is CG), and ``‖C‖`` estimated by
-``max(‖cross(v̂)‖/‖v̂‖, ‖cross(y_m)‖/‖y_m‖)``.
+``‖C‖`` measured along ``v̂`` and ``y_m`` (and, for the inner term, at ``w'`` too).
 
 **Inner term.**  To first order ``w* − ŵ = e := A_in⁻¹ s`` with ``A_in = H``,
 ``s = −∇_w g(ŵ)`` (optimality form: a Newton step) or ``A_in = I − ∂_wΦ``,
-``s = Φ(ŵ) − ŵ`` (fixed-point form).  The same Arnoldi estimate gives ``e_m ≈ e`` and a
-tail bound ``t = ‖s − A_in e_m‖/s_min``, so ``‖ŵ − w*‖ ≈ ‖e_m‖ + t`` (reported as
-``inner_distance``; it is the classical ``‖∇_w g‖/μ`` or ``‖Φ(ŵ) − ŵ‖/(1 − q)`` bound with
-the part of ``s`` inside the Krylov space solved instead of bounded).  The change of ``G``
-over that step is measured by finite differences at ``w' = ŵ + e_m`` (one outer gradient
-and one vjp at ``w'``; these play the role of the Lipschitz constants of ``∇f``, ``∂Φ`` and
-``∂²g`` in the a-priori bounds, taken along the actual error direction):
+``s = Φ(ŵ) − ŵ`` (fixed-point form).  The Krylov estimate gives ``e_m ≈ e`` and a tail
+``t = ‖s − A_in e_m‖/s_min``; ``‖ŵ − w*‖ ≈ ‖e_m‖ + t`` (``inner_distance``: the classical
+``‖∇_w g‖/μ`` or ``‖Φ(ŵ) − ŵ‖/(1 − q)`` bound with the part of ``s`` inside the Krylov
+space solved instead of bounded).  The change of ``G`` over that step is measured by finite
+differences at ``w' = ŵ + e_m`` (the operator and the outer gradient at ``w'``): these take
+the place of the Lipschitz constants of ``∇f``, ``∂Φ``, ``∂²g`` of the a-priori bounds,
+along the actual error direction.  With ``Δ_λ = ∇_λ f(w') − ∇_λ f(ŵ) + cross_{w'}(v̂) −
+cross_ŵ(v̂)``, ``Δ_w = ∇_w f(w') − ∇_w f(ŵ) − (A(w') − A(ŵ)) v̂`` and ``u_m`` the Krylov
+estimate of ``A(w')⁻¹Δ_w`` (residual ``ρ``):
 
-    ‖G(ŵ) − G(w*)‖ ≈ (‖Δ_λ‖ + ‖C‖ ‖Δ_w‖ / s_min) · (1 + t/‖e_m‖)
+    ‖G(ŵ) − G(w*)‖ ≈ (‖Δ_λ + cross_{w'}(u_m)‖ + ‖C‖ ρ / s_min) · (1 + t/‖e_m‖)
 
-with ``Δ_λ = ∇_λ f(w') − ∇_λ f(ŵ) + cross_{w'}(v̂) − cross_ŵ(v̂)`` and
-``Δ_w = ∇_w f(w') − ∇_w f(ŵ) − (A(w') − A(ŵ)) v̂``.
+**Margin.**  Both terms are multiplied by :data:`MARGIN` (2.5), calibrated on the test
+instances (see there).
 
-**Contraction.**  ``contraction`` is ``q̂``: the largest modulus of a Ritz value of
-``∂_wΦ`` (fixed-point form), or ``1 − μ̂/L̂`` (optimality form: the rate of gradient
-descent with step ``1/L̂`` on ``g``), with ``μ̂, L̂`` the extreme Ritz values of ``H``.
+**Contraction.**  ``contraction`` is ``q̂``: the largest Ritz modulus of ``∂_wΦ``
+(fixed-point form: a spectral-radius estimate, at most ``‖∂_wΦ‖``), or ``1 − μ̂/L̂``
+(optimality form: the rate of gradient descent with step ``1/L̂`` on ``g``), with ``μ̂, L̂``
+the extreme Ritz values of ``H`` (``eig_min``, ``eig_max``).
 
 **What it is, and is not.**  An *estimate* of an upper bound, not a guarantee: Ritz values
-approach the extreme eigenvalues from inside the spectrum (``s_min`` can be above the
-smallest eigenvalue when ``r`` or ``s`` hardly touch its eigenvector), the finite
-differences are first-order, and ``‖C‖`` is estimated from two directions.  It assumes the
-IFT setting: ``A`` invertible at and near ``ŵ`` (``g`` strongly convex near ``w*``, or Φ a
-contraction), smooth ``f``, ``g``/Φ.  Cost: ``2·steps + 3`` products with ``A`` or its
-transpose-free variants, one vjp for the λ-part at ``w'``, one gradient of ``f`` and one
-of ``g`` (or one evaluation of Φ) at ``w'`` — about 10 products for ``steps=3``.
+approach the extreme eigenvalues from inside the spectrum (``s_min`` can be far above the
+smallest eigenvalue when ``r`` or ``s`` hardly touch its eigenvector: then the estimate is
+too low, as for a few gradient steps from 0 at κ = 1e3), the finite differences are
+first-order (too high far from ``w*`` on nonlinear problems, or before a Lasso support is
+identified).  It assumes the IFT setting: ``A`` invertible at and near ``ŵ`` (``g``
+strongly convex near ``w*``, or Φ a contraction), ``f`` and ``g``/Φ smooth (or piecewise
+smooth and on the right piece).  Cost (``ErrorEstimate.products``): three Krylov runs of
+2–8 products, about 6 more products with ``A`` and the λ-part, and one gradient of ``f``
+and of ``g`` (or one Φ) at ``w'``: 14–30 products in all; ``estimate=False`` skips it.
 """
 
 from __future__ import annotations
@@ -311,3 +320,4 @@ class AIDError:
             info_number(e_norm + inner_tail), info_number(linear_distance), info_number(contraction),
             info_number(s_min), info_number(s_max), self.products,
         )
+
