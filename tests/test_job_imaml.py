@@ -40,7 +40,7 @@ def _tiny(seed=0, smooth=False):
     if smooth:  # tanh: the inner problem has a smooth minimiser (ReLU's can sit on a kink)
         model = torch.nn.Sequential(*(torch.nn.Tanh() if isinstance(m, torch.nn.ReLU) else m for m in model))
     gen = torch.Generator().manual_seed(seed)
-    return model, bilevel.nn.tensors(model), J.sample_tasks(gen, 3, 5, 5, F64)
+    return model, bilevel.nn.tensors(model), J.sample_tasks(gen, 2, 5, 5, F64)
 
 
 def _flat(d):
@@ -51,7 +51,7 @@ def test_imaml_meta_gradient_equals_a_dense_hessian_solve():
     # inner problem solved to convergence (many proximal GD steps), MINRES to convergence:
     # the job's iMAML meta-gradient equals mean_i λ (∇²L_i^s + λI)⁻¹ ∇L_i^q (dense, float64)
     model, theta, tasks = _tiny(smooth=True)
-    lam, lr, steps = 5.0, 0.02, 1500
+    lam, lr, steps = 5.0, 0.02, 1000
     got, _ = J.imaml_grad(model, theta, tasks, steps, lr, lam, bilevel.MINRES(maxiter=200, tol=1e-12))
     names = sorted(theta)
     shapes = [theta[k].shape for k in names]
@@ -67,12 +67,12 @@ def test_imaml_meta_gradient_equals_a_dense_hessian_solve():
     for x, y, xq, yq in zip(*tasks):
         w = J.adapt(model, theta, x, y, steps, lr, lam)
         gw = grad(lambda w, x=x, y=y: J.mse(model, w, x, y) + lam * J.proximal(w, theta))(w)
-        assert _flat(gw).norm() < 1e-9  # the inner problem is solved
+        assert _flat(gw).norm() < 1e-7  # the inner problem is solved
         H = torch.func.hessian(lambda v, x=x, y=y: J.mse(model, unflat(v), x, y))(_flat(w))
         b = _flat(grad(lambda w, xq=xq, yq=yq: J.mse(model, w, xq, yq))(w))
         exact.append(lam * torch.linalg.solve(H + lam * torch.eye(len(b), dtype=F64), b))
     exact = torch.stack(exact).mean(0)
-    assert float((_flat(got) - exact).norm() / exact.norm()) < 1e-8
+    assert float((_flat(got) - exact).norm() / exact.norm()) < 1e-6
 
 
 def test_maml_and_fomaml_meta_gradients_equal_autograd_through_the_loop():
@@ -87,10 +87,10 @@ def test_maml_and_fomaml_meta_gradients_equal_autograd_through_the_loop():
         for _ in range(steps):  # plain autograd, graph kept: the MAML reference
             g = torch.autograd.grad(J.mse(model, w, x, y), list(w.values()), create_graph=True)
             w = {k: w[k] - lr * gk for k, gk in zip(w, g)}
-        total = total + J.mse(model, w, xq, yq) / 3
+        total = total + J.mse(model, w, xq, yq) / 2
         wd = {k: t.detach().requires_grad_() for k, t in w.items()}
         for k, gk in zip(wd, torch.autograd.grad(J.mse(model, wd, xq, yq), list(wd.values()))):
-            fo_ref[k] += gk / 3
+            fo_ref[k] += gk / 2
     ref = dict(zip(th, torch.autograd.grad(total, list(th.values()))))
     assert float((_flat(got) - _flat(ref)).norm() / _flat(ref).norm()) < 1e-12
     assert float((_flat(fo) - _flat(fo_ref)).norm() / _flat(fo_ref).norm()) < 1e-12
