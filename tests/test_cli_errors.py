@@ -29,6 +29,7 @@ FIRST_COMPUTE = {
     "imaml": "check_tasks",
     "lr-schedule": "load_data",
     "vs-optuna": "make_problem",
+    "iteration-complexity": "make_problem",
 }
 
 

@@ -49,6 +49,7 @@ JOBS: dict[str, Job] = {
     "lr-schedule": Job("bilevel.apps.lr_schedule", "learning-rate and momentum schedule of an MLP by forward mode"),
     "vs-optuna": Job("bilevel.apps.vs_optuna", "gradient HO vs Optuna TPE / CMA-ES at equal wall clock",
                      needs=("sklearn", "matplotlib", "tqdm", "optuna")),
+    "iteration-complexity": Job("bilevel.apps.iteration_complexity", "ITD/AID error vs iterations, with estimates"),
 }
 
 
