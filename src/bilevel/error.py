@@ -120,24 +120,32 @@ def _inv(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x != 0, 1 / torch.where(x != 0, x, torch.ones_like(x)), torch.zeros_like(x))
 
 
-def ritz_values(lanczos: Sequence[tuple[Any, Any]], like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Smallest and largest Ritz value of ``A`` from CG's coefficients ``(α_k, β_k)``.
+def ritz_values(lanczos: Sequence[tuple[Any, ...]], like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Smallest and largest Ritz value of ``A`` from CG's coefficients ``(α_k, β_k, live_k)``.
 
     CG's Lanczos tridiagonal: ``T_jj = 1/α_j + β_{j−1}/α_{j−1}``,
-    ``T_{j,j+1} = √β_j / α_j`` (Saad, Iterative Methods, §6.7.3).  ``None`` when there are no
+    ``T_{j,j+1} = √β_j / α_j`` (Saad, Iterative Methods, §6.7.3), over the iterations whose
+    residual was above rounding (``live_k``; later ones are noise: their rows are replaced
+    by copies of ``T_00``, which adds no new Ritz value).  ``None`` when there are no
     coefficients or an entry is not finite (a broken-down or frozen vmap row).
     """
     if not lanczos:
         return None
     k = len(lanczos)
     dtype, device = like.real.dtype, like.device
-    alpha = torch.stack([torch.as_tensor(a, dtype=dtype, device=device) for a, _ in lanczos])
-    beta = torch.stack([torch.as_tensor(b, dtype=dtype, device=device) for _, b in lanczos])
+    alpha = torch.stack([torch.as_tensor(c[0], dtype=dtype, device=device) for c in lanczos])
+    beta = torch.stack([torch.as_tensor(c[1], dtype=dtype, device=device) for c in lanczos])
+    live = torch.stack([torch.as_tensor(c[2] if len(c) > 2 else True, device=device) for c in lanczos])
+    live = live & (torch.cumsum((~live).to(torch.int64), 0) == 0)  # live up to the first dead iteration
+    alpha = torch.where(live, alpha, torch.ones_like(alpha))
+    beta = torch.where(live, beta, torch.zeros_like(beta))
     inv = 1 / alpha
     diag = inv + torch.cat([torch.zeros_like(inv[:1]), beta[:-1] * inv[:-1]])
+    diag = torch.where(live, diag, diag[0])
     off = beta[:-1].clamp(min=0).sqrt() * inv[:-1]
+    off = torch.where(live[1:], off, torch.zeros_like(off))
     tri = torch.diag_embed(diag) + torch.diag_embed(off, 1) + torch.diag_embed(off, -1) if k > 1 else diag[None, None]
-    ok = torch.isfinite(tri).all() & (alpha > 0).all()
+    ok = torch.isfinite(tri).all() & (alpha > 0).all() & live[0]
     tri = torch.where(ok, tri, torch.eye(k, dtype=dtype, device=device))
     eig = torch.linalg.eigvalsh(tri)
     nan = torch.full_like(eig[0], float("nan"))

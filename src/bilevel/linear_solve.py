@@ -319,8 +319,9 @@ class _GraphNeeded(Exception):
 def _cg(matvec: MatVec, b: Leaves, x: Leaves | None, maxiter: int, tol: float, precond: MatVec | None = None,
         lanczos: list | None = None, truncated: list | None = None):
     # Preconditioned CG (M ≈ A⁻¹ SPD; M = I without precond): z = M r, ρ = <r, z>.
-    # ``lanczos``: a list that receives (α_k, β_k) of every iteration (the Lanczos tridiagonal
-    # of A comes free with them: bilevel.error.ritz_values).  ``truncated``: None raises at
+    # ``lanczos``: a list that receives (α_k, β_k, live_k) of every iteration (the Lanczos
+    # tridiagonal of A comes free with them: bilevel.error.ritz_values; live_k: the residual
+    # was above rounding, else the coefficients are noise).  ``truncated``: None raises at
     # negative curvature; a list stops there instead (truncated CG) and receives the flag
     if _host_scalars(b):
         try:
@@ -369,8 +370,8 @@ def _cg(matvec: MatVec, b: Leaves, x: Leaves | None, maxiter: int, tol: float, p
         rho_new = T.vdot(r, z)
         rr = rho_new if precond is None else T.vdot(r, r)
         p = T.axpy(_safe_div(rho_new, rho), p, z)
-        if lanczos is not None:
-            lanczos.append((_safe_div(rho, pap), _safe_div(rho_new, rho)))
+        if lanczos is not None:  # with whether the residual was above rounding (else the coefficients are noise)
+            lanczos.append((_safe_div(rho, pap), _safe_div(rho_new, rho), live))
         rho = rho_new
         k += 1
         if not (k % mon.every) and bool(values(bad_neg | bad_null | bad_pc).any()):
@@ -430,6 +431,7 @@ def _cg_host(
                 break
             _cg_failed(negative, math.sqrt(rr) / bnorm)
         alpha = rho / pap if pap != 0 else 0.0
+        rr_old = rr
         x = T.axpy(alpha, p, x)
         r = T.axpy(-alpha, ap, r)
         z = r if precond is None else precond(r)
@@ -437,7 +439,7 @@ def _cg_host(
         rr = rho_new if precond is None else T.vdot(r, r).item()
         p = T.axpy(rho_new / rho if rho != 0 else 0.0, p, z)
         if lanczos is not None:
-            lanczos.append((alpha, rho_new / rho if rho != 0 else 0.0))
+            lanczos.append((alpha, rho_new / rho if rho != 0 else 0.0, rr_old > noise))
         rho = rho_new
         k += 1
     res = math.sqrt(rr) / bnorm if bnorm > 0 else math.sqrt(rr)
@@ -656,7 +658,7 @@ def solve_leaves(
     ``x`` (one extra matvec for the Krylov solvers, whose recurrences can drift from it);
     ``converged`` means it is within ``tol`` (or at the rounding floor of the dtype).
     A Krylov breakdown that leaves the residual large raises :class:`SingularSystemError`.
-    ``lanczos``: a list that CG fills with its coefficients ``(α_k, β_k)`` (other solvers
+    ``lanczos``: a list that CG fills with its coefficients ``(α_k, β_k, live_k)`` (other solvers
     leave it empty), for the spectrum estimates of :mod:`bilevel.error`.
     """
     check_solver(solver)
