@@ -59,12 +59,9 @@ def _usage() -> str:
 
 
 def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
+    from bilevel import __version__  # the one source of the version (pyproject reads it too)
 
-    try:
-        return version("bilevel")
-    except PackageNotFoundError:  # run from a source tree that was not installed
-        return "unknown (not installed)"
+    return __version__
 
 
 def main(argv: list[str] | None = None) -> int:
