@@ -8,6 +8,7 @@ and asserts the issue's targets: estimate ≥ true error in ≥ 95% of them, ≤
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 
@@ -17,6 +18,9 @@ from error_instances import FAMILIES, KAPPAS, linear_contraction, ridge, truncat
 
 import bilevel
 from bilevel.error import ritz_values
+
+# the estimate is opt-in (it costs a short solve): every call here asks for it unless it says otherwise
+hypergrad = functools.partial(bilevel.hypergrad, estimate=True)
 
 
 def _instances():
@@ -41,7 +45,7 @@ def test_estimate_bounds_true_error_on_random_instances(one_thread):
         w, K, _ = truncated(inst, tseed)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", bilevel.ConvergenceWarning)
-            hg, info = bilevel.hypergrad(inst.outer_loss, w, inst.hparams, solver=_solver(inst, K, seed),
+            hg, info = hypergrad(inst.outer_loss, w, inst.hparams, solver=_solver(inst, K, seed),
                                          return_info=True, inner_tol=math.inf, **inst.form)
         true = (hg - inst.exact).norm().item()
         assert true > 0
@@ -61,7 +65,7 @@ def test_estimate_bounds_true_error_on_random_instances(one_thread):
 @pytest.mark.parametrize("make", [ridge, linear_contraction])
 def test_estimate_at_the_solution_is_at_rounding_level(make):
     inst = make(0, 100.0)
-    hg, info = bilevel.hypergrad(inst.outer_loss, inst.w_star, inst.hparams, solver=bilevel.Dense(),
+    hg, info = hypergrad(inst.outer_loss, inst.w_star, inst.hparams, solver=bilevel.Dense(),
                                  return_info=True, **inst.form)
     scale = inst.exact.norm().item()
     assert (hg - inst.exact).norm().item() <= 1e-9 * scale
@@ -75,7 +79,7 @@ def test_estimate_tracks_the_linear_solve():
     for K in (1, 3, 6, 9, 12):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", bilevel.ConvergenceWarning)
-            hg, info = bilevel.hypergrad(inst.outer_loss, inst.w_star, inst.hparams, inner_loss=inst.inner_loss,
+            hg, info = hypergrad(inst.outer_loss, inst.w_star, inst.hparams, inner_loss=inst.inner_loss,
                                          solver=bilevel.CG(maxiter=K, tol=0.0), return_info=True)
         errs.append((hg - inst.exact).norm().item())
         ests.append(float(info.error_estimate))
@@ -86,10 +90,10 @@ def test_estimate_tracks_the_linear_solve():
 
 def test_opt_out_and_info_fields():
     inst = ridge(1, 10.0)
-    _, info = bilevel.hypergrad(inst.outer_loss, inst.w_star, inst.hparams, inner_loss=inst.inner_loss,
+    _, info = hypergrad(inst.outer_loss, inst.w_star, inst.hparams, inner_loss=inst.inner_loss,
                                 return_info=True, estimate=False)
     assert info.error_estimate is None and info.contraction is None and info.error is None
-    _, info = bilevel.hypergrad(inst.outer_loss, inst.w_star, inst.hparams, inner_loss=inst.inner_loss,
+    _, info = hypergrad(inst.outer_loss, inst.w_star, inst.hparams, inner_loss=inst.inner_loss,
                                 return_info=True)
     e = info.error
     assert isinstance(e, bilevel.ErrorEstimate)
@@ -97,7 +101,7 @@ def test_opt_out_and_info_fields():
     assert info.error_estimate == e.total and info.contraction == e.contraction
     assert 0 < e.products < 40
     with pytest.raises(TypeError, match="estimate"):
-        bilevel.hypergrad(inst.outer_loss, inst.w_star, inst.hparams, inner_loss=inst.inner_loss, estimate=1)
+        hypergrad(inst.outer_loss, inst.w_star, inst.hparams, inner_loss=inst.inner_loss, estimate=1)
 
 
 def test_spectrum_estimates_lie_inside_the_spectrum():
@@ -106,7 +110,7 @@ def test_spectrum_estimates_lie_inside_the_spectrum():
     inst = ridge(2, 1e3, d=8)
     H = torch.func.hessian(inst.inner_loss)(inst.w_star, inst.hparams)
     ev = torch.linalg.eigvalsh(H)
-    _, info = bilevel.hypergrad(inst.outer_loss, inst.w_star, inst.hparams, inner_loss=inst.inner_loss,
+    _, info = hypergrad(inst.outer_loss, inst.w_star, inst.hparams, inner_loss=inst.inner_loss,
                                 solver=bilevel.CG(maxiter=8, tol=0.0), return_info=True)
     e = info.error
     assert ev[0] * (1 - 1e-6) <= e.eig_min and e.eig_max <= ev[-1] * (1 + 1e-6)
@@ -135,7 +139,7 @@ def test_fixed_point_contraction_estimate():
     A = torch.func.jacrev(inst.fixed_point)(inst.w_star, inst.hparams)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", bilevel.ConvergenceWarning)
-        _, info = bilevel.hypergrad(inst.outer_loss, inst.w_star + 0.1, inst.hparams, fixed_point=inst.fixed_point,
+        _, info = hypergrad(inst.outer_loss, inst.w_star + 0.1, inst.hparams, fixed_point=inst.fixed_point,
                                     solver=bilevel.GMRES(maxiter=3), return_info=True, inner_tol=math.inf)
     rho = torch.linalg.eigvals(A).abs().max().item()
     assert info.contraction <= torch.linalg.matrix_norm(A, ord=2).item() * (1 + 1e-9)
@@ -153,7 +157,7 @@ def test_estimate_under_vmap_matches_a_loop():
         def inner(w, lam):  # Qi includes diag(e^lam) at the drawn lam; keep the λ-dependence explicit
             return 0.5 * w @ (Qi - torch.diag(lam.exp())) @ w - w.sum() + 0.5 * (lam.exp() * w**2).sum()
 
-        return bilevel.hypergrad(lambda w, lam: 0.5 * ((w - target) ** 2).sum(), w, lam, inner_loss=inner,
+        return hypergrad(lambda w, lam: 0.5 * ((w - target) ** 2).sum(), w, lam, inner_loss=inner,
                                  solver=bilevel.CG(maxiter=2, tol=0.0), return_info=True, inner_tol=math.inf)
 
     hg, info = torch.func.vmap(one)(ws, lams, Q)

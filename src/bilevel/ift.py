@@ -82,7 +82,7 @@ class HypergradInfo:
     hparams leaves) from the inner residual and the linear-system residual, and
     ``contraction``: the estimated ``q̂`` (``‖∂_wΦ‖``, or ``1 − μ̂/L̂`` for an inner_loss);
     ``error``: the parts (:class:`bilevel.error.ErrorEstimate`).  ``None`` with
-    ``estimate=False``.  An estimate, not a guarantee: see :mod:`bilevel.error`.
+    ``estimate=True`` or ``tol=``.  An estimate, not a guarantee: see :mod:`bilevel.error`.
     ``inner_iterations``: inner steps run (by :func:`bilevel.hypergrad_within`; else 0).
     ``damping``: the ``δ`` of the damped system ``(A + δI) v = b`` that was solved.
     """
@@ -302,7 +302,7 @@ def hypergrad(
     create_graph: bool = False,
     return_info: bool = False,
     tol: float | None = None,
-    estimate: bool = True,
+    estimate: bool = False,
     damping: float = 0.0,
 ) -> Any:
     """Hypergradient ``∇F(λ)`` of ``F(λ) = f(w(λ), λ)`` by implicit differentiation (AID).
@@ -328,10 +328,11 @@ def hypergrad(
     ``hparams``, and its derivative is the second-order hypergradient (through the linear
     solve: as accurate as the solve's tolerance).
 
-    Accuracy: with ``return_info=True`` the info carries ``error_estimate``, an a-posteriori
-    estimate of ``‖ĝ − ∇F(λ)‖`` (the inner error from the inner residual, the linear-system
-    error from its true residual; :mod:`bilevel.error`; about 10 extra products,
-    ``estimate=False`` skips it).  ``tol=ε`` chooses the linear solve's length instead of
+    Accuracy: with ``estimate=True`` (and ``return_info=True``) the info carries
+    ``error_estimate``, an a-posteriori estimate of ``‖ĝ − ∇F(λ)‖`` (the inner error from the
+    inner residual, the linear-system error from its true residual; :mod:`bilevel.error`).
+    It costs 14–30 extra products (as much as a short solve), so it is off by default.
+    ``tol=ε`` chooses the linear solve's length instead of
     ``solver.tol``: iterations (up to ``solver.maxiter``) are added until the estimated
     error is ``≤ ε``; if the inner error alone exceeds ``ε`` it warns that ``ε`` cannot be
     met with these ``params`` (solve the inner problem further, or use
@@ -374,7 +375,7 @@ def hypergrad(
     check_input_finite(lam, "hparams")
     try:
         hg, v, sinfo, op, fval, err = _hypergrad(outer_loss, w, lam, wspec, lspec, inner_loss, fixed_point, solver,
-                                                 init, precond, tol, estimate and (return_info or tol is not None),
+                                                 init, precond, tol, (estimate and return_info) or tol is not None,
                                                  float(damping))
     except RuntimeError as exc:
         raise explain_inference(exc, "hypergrad") from exc

@@ -162,7 +162,7 @@ def _aid(p: Problem, w: torch.Tensor, method: str, t: int) -> tuple[torch.Tensor
         form = {"fixed_point": p.step}
         solver = (bilevel.FixedPoint if method == "AID-FP" else bilevel.Neumann)(maxiter=t, tol=0.0)
     return bilevel.hypergrad(p.outer_loss, w, p.hparams, solver=solver, return_info=True, inner_tol=math.inf,
-                             **form)
+                             estimate=True, **form)
 
 
 def curves(p: Problem, cfg: Config) -> dict[str, Any]:
