@@ -14,8 +14,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
+import ctypes.util
 import dataclasses
+import gc
 import json
+import multiprocessing as mp
 import os
 import sys
 import tempfile
@@ -297,3 +301,71 @@ def config_kwargs(args: argparse.Namespace, quick: dict[str, Any], counts: dict[
                 raise UserError(f"--{name} should be >= {least}, not {value}: pass --{name} {least} or more")
             kw[name] = value
     return kw
+
+
+# ----------------------------------------------------------------------------- peak memory
+
+
+def _libc() -> Any:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise OSError(f"no {field} in /proc/self/status")
+
+
+def _measure_in_child(fn: Callable[[], Any], conn: Any) -> None:
+    """In a forked process: warm up, then the peak RSS of one more ``fn()`` above the baseline.
+
+    glibc's mmap threshold is fixed at 64 KiB so that every tensor of that size or more is a
+    mapping of its own, returned to the kernel when freed (RSS follows the live tensors);
+    ``malloc_trim`` returns the heap's free pages; writing 5 to /proc/self/clear_refs resets
+    the kernel's high-water mark VmHWM to the current RSS."""
+    try:
+        libc = _libc()
+        if libc is not None and hasattr(libc, "mallopt"):
+            libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD
+        fn()  # one-time costs (lazy initialisation) are not part of the step
+        gc.collect()
+        if libc is not None and hasattr(libc, "malloc_trim"):
+            libc.malloc_trim(0)
+        Path("/proc/self/clear_refs").write_text("5")
+        base = _status_kib("VmRSS")
+        fn()
+        conn.send({"peak_bytes": (_status_kib("VmHWM") - base) * 1024, "how": "VmHWM - VmRSS (clear_refs)"})
+    except Exception as err:  # reported in the table, the other measurements go on
+        conn.send({"peak_bytes": None, "how": f"unavailable ({type(err).__name__}: {err})"})
+    finally:
+        conn.close()
+
+
+def peak_memory(fn: Callable[[], Any], device: torch.device) -> dict[str, Any]:
+    """Peak memory of one call of ``fn`` (after a warm-up call), in bytes: CUDA's allocator
+    peak on a GPU, else the peak RSS of a forked process (Linux; None elsewhere)."""
+    if device.type == "cuda":
+        fn()
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return {"peak_bytes": torch.cuda.max_memory_allocated(device) - base, "how": "cuda max_memory_allocated"}
+    if not Path("/proc/self/clear_refs").exists() or "fork" not in mp.get_all_start_methods():
+        return {"peak_bytes": None, "how": "unavailable (needs Linux /proc and fork)"}
+    ctx = mp.get_context("fork")
+    recv, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_measure_in_child, args=(fn, send))
+    proc.start()
+    send.close()
+    try:
+        out = recv.recv()
+    except EOFError:
+        out = {"peak_bytes": None, "how": "unavailable (the measuring process died)"}
+    proc.join()
+    return out

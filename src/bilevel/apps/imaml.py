@@ -32,15 +32,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
-import ctypes.util
 import dataclasses
-import gc
 import math
-import multiprocessing as mp
 import statistics
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -256,71 +251,6 @@ def evaluate(method: str, model: nn.Module, cfg: Config, device: torch.device | 
 # ----------------------------------------------------------------------------- time and peak memory
 
 
-def _libc() -> Any:
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    except OSError:
-        return None
-
-
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise OSError(f"no {field} in /proc/self/status")
-
-
-def _measure_in_child(fn: Callable[[], Any], conn: Any) -> None:
-    """In a forked process: warm up, then the peak RSS of one more ``fn()`` above the baseline.
-
-    glibc's mmap threshold is fixed at 64 KiB so that every tensor of that size or more is a
-    mapping of its own, returned to the kernel when freed (RSS follows the live tensors);
-    ``malloc_trim`` returns the heap's free pages; writing 5 to /proc/self/clear_refs resets
-    the kernel's high-water mark VmHWM to the current RSS."""
-    try:
-        libc = _libc()
-        if libc is not None and hasattr(libc, "mallopt"):
-            libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD
-        fn()  # one-time costs (lazy initialisation) are not part of the step
-        gc.collect()
-        if libc is not None and hasattr(libc, "malloc_trim"):
-            libc.malloc_trim(0)
-        Path("/proc/self/clear_refs").write_text("5")
-        base = _status_kib("VmRSS")
-        fn()
-        conn.send({"peak_bytes": (_status_kib("VmHWM") - base) * 1024, "how": "VmHWM - VmRSS (clear_refs)"})
-    except Exception as err:  # reported in the table, the other measurements go on
-        conn.send({"peak_bytes": None, "how": f"unavailable ({type(err).__name__}: {err})"})
-    finally:
-        conn.close()
-
-
-def peak_memory(fn: Callable[[], Any], device: torch.device) -> dict[str, Any]:
-    """Peak memory of one call of ``fn`` (after a warm-up call), in bytes: CUDA's allocator
-    peak on a GPU, else the peak RSS of a forked process (Linux; None elsewhere)."""
-    if device.type == "cuda":
-        fn()
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        fn()
-        torch.cuda.synchronize(device)
-        return {"peak_bytes": torch.cuda.max_memory_allocated(device) - base, "how": "cuda max_memory_allocated"}
-    if not Path("/proc/self/clear_refs").exists() or "fork" not in mp.get_all_start_methods():
-        return {"peak_bytes": None, "how": "unavailable (needs Linux /proc and fork)"}
-    ctx = mp.get_context("fork")
-    recv, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_measure_in_child, args=(fn, send))
-    proc.start()
-    send.close()
-    try:
-        out = recv.recv()
-    except EOFError:
-        out = {"peak_bytes": None, "how": "unavailable (the measuring process died)"}
-    proc.join()
-    return out
-
-
 def sweep(cfg: Config, device: torch.device, show: bool) -> list[dict[str, Any]]:
     """Time per meta-step (median) and peak memory of one meta-step, per method and T."""
     rows = []
@@ -342,7 +272,7 @@ def sweep(cfg: Config, device: torch.device, show: bool) -> list[dict[str, Any]]
                 torch.cuda.synchronize(device)
             times.append(time.perf_counter() - t0)
             cpu.append(time.process_time() - c0)
-        mem = peak_memory(step, device)
+        mem = _runs.peak_memory(step, device)
         # CPU time beside wall time: on a shared machine the wall time also counts other processes
         rows.append({"method": method, "inner_steps": T, "ms_per_meta_step": 1e3 * statistics.median(times),
                      "cpu_ms_per_meta_step": 1e3 * statistics.median(cpu),
