@@ -37,6 +37,7 @@ def quick_run(one_thread, tmp_path_factory):
 
 def test_quick_job_writes_results_and_plot(quick_run, capsys):
     res = json.loads((quick_run / "results.json").read_text())
+    assert res["scales"]["learned.lam"] == "log" and res["scales"]["config.box"] == "log10"
     for key in ("config", "data", "no_regularisation", "grid_search", "learned", "history",
                 "hypergrad", "timings", "verdict"):
         assert key in res, key

@@ -213,6 +213,7 @@ def run(cfg: Config, out: Path, *, resume: bool = False, show: bool = True) -> d
     }
     results = {
         "config": dataclasses.asdict(cfg),
+        "scales": {"config.lr": "linear"},  # the outer variables are the network's weights, not stored
         "data": {"n_train": len(data.y_train), "n_test": len(data.y_test)},
         "test_acc": accuracy(model, data.X_test, data.y_test),
         "train_acc": accuracy(model, data.X_train, data.y_train),

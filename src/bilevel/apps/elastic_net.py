@@ -387,6 +387,7 @@ def run(cfg: Config, out: Path, *, resume: bool = False, show: bool = True) -> d
         r.pop("_state")
     results = {
         "config": dataclasses.asdict(cfg),
+        "scales": {"*.alpha_l1": "linear", "*.alpha_l2": "linear", "*.alpha": "linear", "*.l1_ratio": "linear"},
         "data": {"n_train": len(data.y_train), "n_val": len(data.y_val), "n_test": len(data.y_test),
                  "n_real": data.n_real, "n_noise": cfg.n_noise, "groups": list(data.group_names),
                  "units": "MSE of the standardised target (var(y_train) = 1)"},

@@ -327,6 +327,10 @@ def run(cfg: Config, out: Path, *, resume: bool = False, show: bool = True) -> d
     e = lam.exp()
     results = {
         "config": dataclasses.asdict(cfg),
+        # the learned λ are natural logs of the penalties; the baselines' "lambda" are penalties
+        "scales": {"learned.lam": "log", "config.lam0": "log", "config.box": "log10",
+                   "no_regularisation.lambda": "linear", "grid_search.*.lambda": "linear",
+                   "learned.lambda_*_median": "linear"},
         "data": {
             "n_train": len(data.y_train), "n_val": len(data.y_val), "n_test": len(data.y_test),
             "n_real": int(real.sum()), "n_noise": int((~real).sum()), "n_hparams": len(lam),

@@ -230,6 +230,7 @@ def run(cfg: Config, out: Path, *, resume: bool = False, show: bool = True) -> d
         }
     results = {
         "config": dataclasses.asdict(cfg),
+        "scales": {"problem.lam_star": "linear"},
         "problem": {"q": prob.contraction(), "eta": prob.eta, "lam_star": prob.lam_star(),
                     "cond_F": float(torch.linalg.cond(prob.hessian_F()))},
         "theory": {
