@@ -140,15 +140,20 @@ def eager(fn: Callable[..., Any]) -> Callable[..., Any]:
 def info_pytree(cls: type, static: tuple[str, ...]) -> type:
     """Register a frozen info dataclass as a pytree node, so that a function under
     ``torch.func.vmap`` can return it (``return_info=True``): the per-task numbers are
-    leaves, the ``static`` fields (a solver's name, an iteration count) the context."""
+    leaves, the ``static`` fields (a solver's name, an iteration count) the context, and so is
+    a field that is None (a part not computed: vmap returns tensors only)."""
     names = [f.name for f in dataclasses.fields(cls)]
     dynamic = [n for n in names if n not in static]
 
     def flatten(info: Any) -> tuple[list[Any], tuple[Any, ...]]:
-        return [getattr(info, n) for n in dynamic], tuple(getattr(info, n) for n in static)
+        absent = tuple(n for n in dynamic if getattr(info, n) is None)
+        leaves_ = [getattr(info, n) for n in dynamic if n not in absent]
+        return leaves_, (absent, *(getattr(info, n) for n in static))
 
     def unflatten(leaves_: Any, context: tuple[Any, ...]) -> Any:
-        return cls(**dict(zip(dynamic, leaves_)), **dict(zip(static, context)))
+        absent, fixed = context[0], context[1:]
+        present = [n for n in dynamic if n not in absent]
+        return cls(**dict(zip(present, leaves_)), **dict.fromkeys(absent), **dict(zip(static, fixed)))
 
     register_pytree_node(cls, flatten, unflatten, serialized_type_name=f"bilevel.{cls.__name__}")
     return cls
