@@ -504,7 +504,7 @@ def _meet_tol(solve_once, estimator, solver, x0, tol):
         res = worst(_t(sinfo.residual))
         rel = res * target / linear if linear > 0 else 0.0
         chunk = cap - used
-    sinfo = type(sinfo)(sinfo.solver, used, sinfo.residual, sinfo.converged)
+    sinfo = replace(sinfo, iterations=used)  # every chunk's products, the last chunk's residual
     warn_error_above("hypergrad", err, tol, used)
     return v, sinfo, cross_v, err
 
