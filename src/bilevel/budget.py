@@ -4,8 +4,10 @@
 :func:`bilevel.hypergrad` (``tol=``) together.  After each chunk of inner steps the
 a-posteriori estimate (:mod:`bilevel.error`) splits the hypergradient error into its inner
 and linear-system parts; the linear part is met by ``hypergrad(tol=)``, and the inner part
-decides how many more inner steps to run: the inner error shrinks with the inner residual,
-at the rate ``ρ`` measured on the last chunk (``‖w_{t+1} − w_t‖`` ratios), so
+decides how many more inner steps to run: the inner error shrinks at a rate ``ρ`` per
+step (the decay of the estimated inner error over the last chunk, when it decreased;
+else, as after the first chunk, from the chunk's first and last step lengths
+``‖w_{t+1} − w_t‖``), so
 ``log(inner/target)/log(1/ρ)`` more steps are expected to suffice.  Warm-startable across
 outer steps: pass the returned ``params`` and ``info.v`` back in (``init=``).
 """

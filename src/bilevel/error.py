@@ -1,5 +1,6 @@
 """A-posteriori error estimates of AID hypergradients (what :func:`bilevel.hypergrad` reports
-as ``info.error_estimate`` and uses for ``tol=``).
+as ``info.error_estimate`` with ``estimate=True``, and uses for ``tol=``; opt-in: the
+default ``estimate=False`` computes none).
 
 Write ``A`` for the IFT system matrix at the point ``ŵ`` the hypergradient is computed at
 (``A = H = ∇²_w g``, optimality form; ``A = (I − ∂_wΦ)ᵀ``, fixed-point form), ``C`` for the
@@ -57,7 +58,8 @@ identified).  It assumes the IFT setting: ``A`` invertible at and near ``ŵ`` (`
 strongly convex near ``w*``, or Φ a contraction), ``f`` and ``g``/Φ smooth (or piecewise
 smooth and on the right piece).  Cost (``ErrorEstimate.products``): three Krylov runs of
 2–8 products, about 6 more products with ``A`` and the λ-part, and one gradient of ``f``
-and of ``g`` (or one Φ) at ``w'``: 14–30 products in all; ``estimate=False`` skips it.
+and of ``g`` (or one Φ) at ``w'``: 14–30 products in all, paid only when asked for
+(``hypergrad(..., estimate=True)`` or ``tol=``).
 """
 
 from __future__ import annotations
@@ -127,7 +129,7 @@ def ritz_values(lanczos: Sequence[tuple[Any, ...]], like: torch.Tensor) -> tuple
     ``T_{j,j+1} = √β_j / α_j`` (Saad, Iterative Methods, §6.7.3), over the iterations whose
     residual was above rounding (``live_k``; later ones are noise: their rows are replaced
     by copies of ``T_00``, which adds no new Ritz value).  ``None`` when there are no
-    coefficients or an entry is not finite (a broken-down or frozen vmap row).
+    coefficients; NaN values when an entry is not finite (a broken-down or frozen vmap row).
     """
     if not lanczos:
         return None
@@ -277,13 +279,13 @@ class AIDError:
             self.products += inner.steps + 2  # Arnoldi, ∇f and ∇g (or Φ) at w'
         return self._inner
 
-    def __call__(self, v: Leaves, cross_v: Leaves, lanczos: Sequence[tuple[Any, Any]] = ()) -> ErrorEstimate:
+    def __call__(self, v: Leaves, cross_v: Leaves, lanczos: Sequence[tuple[Any, ...]] = ()) -> ErrorEstimate:
         """The estimate for ``ĝ = gl + cross_v``, ``cross_v = cross(v)``; ``lanczos``: CG's
         coefficients of the solve that gave ``v`` (if any)."""
         with torch.no_grad():
             return self._estimate(v, cross_v, lanczos)
 
-    def _estimate(self, v: Leaves, cross_v: Leaves, lanczos: Sequence[tuple[Any, Any]]) -> ErrorEstimate:
+    def _estimate(self, v: Leaves, cross_v: Leaves, lanczos: Sequence[tuple[Any, ...]]) -> ErrorEstimate:
         op, b, optimality, steps = self.op, self.b, self.optimality, self.steps
         inner, op2, gw2, gl2 = self._inner_part()
         av = op.matvec(v)
