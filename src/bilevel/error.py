@@ -146,7 +146,7 @@ def ritz_values(lanczos: Sequence[tuple[Any, ...]], like: torch.Tensor) -> tuple
     diag = torch.where(live, diag, diag[0])
     off = beta[:-1].clamp(min=0).sqrt() * inv[:-1]
     off = torch.where(live[1:], off, torch.zeros_like(off))
-    tri = torch.diag_embed(diag) + torch.diag_embed(off, 1) + torch.diag_embed(off, -1) if k > 1 else diag[None, None]
+    tri = torch.diag_embed(diag) + torch.diag_embed(off, 1) + torch.diag_embed(off, -1)
     ok = torch.isfinite(tri).all() & (alpha > 0).all() & live[0]
     tri = torch.where(ok, tri, torch.eye(k, dtype=dtype, device=device))
     eig = torch.linalg.eigvalsh(tri)
@@ -216,7 +216,7 @@ def krylov_inverse(apply: Callable[[Leaves], Leaves], z: Leaves, steps: int, sym
         if m < steps:
             continue
         hess = torch.stack([torch.stack(c + [torch.zeros_like(beta)] * (m + 1 - len(c))) for c in cols], 1)
-        alive = torch.stack([T.norm(v) for v in basis[:m]]) > 0
+        alive = torch.stack([beta] + [c[-1] for c in cols[: m - 1]]) > 0  # the norms basis[i] was scaled by
         eig, coef, res, finite = _analyse(hess, beta, alive, symmetric)
         if m >= max_steps:
             break
@@ -300,10 +300,11 @@ class AIDError:
 
         # ‖C‖ along two directions
         cross_y = op.cross(lin.y)
-        c_norm = torch.maximum(_div(T.norm(cross_v), T.norm(v)), _div(T.norm(cross_y), T.norm(lin.y)))
+        v_norm, y_norm, cross_y_norm = T.norm(v), T.norm(lin.y), T.norm(cross_y)
+        c_norm = torch.maximum(_div(T.norm(cross_v), v_norm), _div(cross_y_norm, y_norm))
         lin_tail = _div(lin.residual, s_min)
-        linear = T.norm(cross_y) + c_norm * lin_tail
-        linear_distance = T.norm(lin.y) + lin_tail
+        linear = cross_y_norm + c_norm * lin_tail
+        linear_distance = y_norm + lin_tail
 
         e_norm = T.norm(inner.y)
         inner_tail = _div(inner.residual, s_min)
@@ -315,7 +316,7 @@ class AIDError:
         shift = krylov_inverse(op2.matvec, d_w, steps, optimality, self.max_steps)
         s_min = _nanmin(s_min, shift.eig_min)
         cross_shift = op2.cross(shift.y)
-        c_norm2 = torch.maximum(torch.maximum(c_norm, _div(T.norm(cross2_v), T.norm(v))),
+        c_norm2 = torch.maximum(torch.maximum(c_norm, _div(T.norm(cross2_v), v_norm)),
                                 _div(T.norm(cross_shift), T.norm(shift.y)))
         # first order in e: the measured change scaled by (‖e_m‖ + tail)/‖e_m‖ for the unsolved part
         grow = 1 + _div(inner_tail, e_norm)
