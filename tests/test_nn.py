@@ -226,3 +226,41 @@ def test_unroll_itd_through_a_module_with_batchnorm_matches_autograd():
     for a, b in zip(got, want):
         assert torch.allclose(a, b, rtol=1e-12, atol=1e-14)
     assert int(net[0][1].num_batches_tracked) == 0
+
+
+def test_instance_norm_with_running_statistics_behaves_like_batchnorm():
+    # InstanceNorm passes its running statistics to instance_norm whatever track_running_stats
+    # says: in train mode call still normalises with the input's statistics and writes nothing
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv1d(2, 3, 1), nn.InstanceNorm1d(3, affine=True, track_running_stats=True)).to(F64)
+    X = torch.randn(4, 2, 5, dtype=F64)
+    before = {k: t.clone() for k, t in net.named_buffers()}
+    named = tensors(net)
+    plain = nn.InstanceNorm1d(3, affine=True).to(F64)  # no running statistics: input statistics only
+    plain.load_state_dict(net[1].state_dict(), strict=False)
+    assert torch.allclose(call(net, named, X), plain(net[0](X)), rtol=1e-12, atol=1e-14)
+    g = torch.func.grad(lambda p: (call(net, p, X) ** 2).mean())(named)
+    assert set(g) == set(named)
+    batched = torch.func.vmap(lambda x: call(net, named, x))(torch.randn(3, 4, 2, 5, dtype=F64))
+    assert batched.shape == (3, 4, 3, 5)
+    for k, t in net.named_buffers():
+        assert torch.equal(t, before[k]), k
+    update_stats(net, named, X)  # and update_stats moves them as one training forward would
+    twin = nn.InstanceNorm1d(3, affine=True, track_running_stats=True).to(F64)
+    twin.load_state_dict({k[2:]: v for k, v in before.items()}, strict=False)
+    with torch.no_grad():
+        twin(net[0](X))
+    assert torch.equal(net[1].running_mean, twin.running_mean)
+    assert torch.equal(net[1].running_var, twin.running_var)
+
+
+def test_update_stats_refuses_missing_and_unknown_names_as_call_does():
+    net, X = _net(), torch.randn(9, 4, dtype=F64)
+    hp, p = split(tensors(net), "0.")
+    with pytest.raises(ValueError, match=r"no tensor given for the parameter\(s\) '1.weight'"):
+        update_stats(net, hp, X)
+    with pytest.raises(ValueError, match="no parameter or buffer named 'head.w'"):
+        update_stats(net, (hp, p, {"head.w": X}), X)
+    with pytest.raises(TypeError, match="should be an nn.Module"):
+        update_stats(lambda x: x, (hp, p), X)
+    assert int(net[0][1].num_batches_tracked) == 0

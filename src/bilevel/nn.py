@@ -39,8 +39,7 @@ code path as :func:`bilevel.implicit` and :func:`bilevel.hypergrad`.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -116,27 +115,14 @@ def call(module: nn.Module, tensors: Mapping[str, torch.Tensor] | Sequence[Mappi
     Works under ``torch.func`` transforms (``grad``, ``vmap``, ``jvp``).  A module that
     writes its own buffers in ``forward`` (other than torch.nn's normalisation layers) is a
     ``RuntimeError`` after the call: use :func:`update_stats` for such updates.  Not
-    thread-safe on one module: the layers' ``track_running_stats`` flag is switched off
-    for the duration of the call.
+    thread-safe on one module: ``functional_call`` swaps the module's tensors for the
+    duration of the call.
     """
-    if not isinstance(module, nn.Module):
-        raise TypeError(f"call: module should be an nn.Module, not {type(module).__name__}.")
-    merged = _merge(tensors, "call")
-    own_params = dict(module.named_parameters())
-    own_buffers = dict(module.named_buffers())
-    unknown = [k for k in merged if k not in own_params and k not in own_buffers]
-    if unknown:
-        raise ValueError(f"call: {type(module).__name__} has no parameter or buffer named {_names(unknown)}; "
-                         f"its parameters are {_names(own_params)}.")
-    missing = [k for k in own_params if k not in merged]
-    if missing:
-        raise ValueError(f"call: no tensor given for the parameter(s) {_names(missing)} of "
-                         f"{type(module).__name__}; pass them too (constants included), e.g. "
-                         "tensors(module) split into params and hparams.")
-    kept = {k: t for k, t in own_buffers.items() if k not in merged}
+    merged, own_buffers = _inputs(module, tensors, "call")
+    aside = _running_statistics(module)
+    kept = {k: t for k, t in own_buffers.items() if k not in merged and k not in aside}
     versions = {k: t._version for k, t in kept.items()}
-    with _batch_statistics(module):
-        out = functional_call(module, merged, args, kwargs, tie_weights=True, strict=False)
+    out = functional_call(module, {**merged, **dict.fromkeys(aside)}, args, kwargs, tie_weights=True, strict=False)
     changed = [k for k, t in kept.items() if t._version != versions[k]]
     if changed:
         raise RuntimeError(f"call: {type(module).__name__}.forward wrote its buffer(s) {_names(changed)}, so the "
@@ -148,15 +134,14 @@ def call(module: nn.Module, tensors: Mapping[str, torch.Tensor] | Sequence[Mappi
 def update_stats(module: nn.Module, tensors: Mapping[str, torch.Tensor] | Sequence[Mapping[str, torch.Tensor]],
                  *args: Any, **kwargs: Any) -> Any:
     """Update the running statistics of ``module``'s normalisation layers with one forward
-    pass at ``tensors`` (its parameters, as for :func:`call`), in train mode, under
+    pass at ``tensors`` (all its parameters, checked as by :func:`call`), in train mode, under
     ``torch.no_grad()``: the statistics move by each layer's ``momentum`` toward the batch
     statistics of ``args``, exactly as one ordinary training forward pass would move them.
     The module's buffers are written in place; its train/eval modes are restored.  Returns
     the output of that pass (detached).  Call it outside any differentiation or
     ``torch.func`` transform, e.g. once per outer step on the meta-batch's data.
     """
-    merged = _merge(tensors, "update_stats")
-    own_buffers = dict(module.named_buffers())
+    merged, own_buffers = _inputs(module, tensors, "update_stats")
     passed = [k for k in merged if k in own_buffers]
     if passed:
         raise ValueError(f"update_stats: {_names(passed)} are buffers; it updates the module's own buffers, so "
@@ -202,19 +187,37 @@ def set_grad(module: nn.Module, grads: Mapping[str, torch.Tensor], *, accumulate
             p.grad = g.clone()
 
 
-@contextlib.contextmanager
-def _batch_statistics(module: nn.Module) -> Iterator[None]:
-    """Normalisation layers in train mode use batch statistics without updating the
-    running ones: with ``track_running_stats`` off, torch.nn passes no running statistics
-    to ``batch_norm`` (so nothing is written, and nothing in-place meets a vmapped input)."""
-    layers = [m for m in module.modules() if isinstance(m, _NORM) and m.training and m.track_running_stats]
-    for m in layers:
-        m.track_running_stats = False
-    try:
-        yield
-    finally:
-        for m in layers:
-            m.track_running_stats = True
+def _inputs(module: nn.Module, tensors: Any, where: str) -> tuple[Named, Named]:
+    """``tensors`` merged into one dict, checked against ``module``'s names (every parameter
+    given, no unknown name), and the module's own buffers."""
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"{where}: module should be an nn.Module, not {type(module).__name__}.")
+    merged = _merge(tensors, where)
+    own_params = dict(module.named_parameters())
+    own_buffers = dict(module.named_buffers())
+    unknown = [k for k in merged if k not in own_params and k not in own_buffers]
+    if unknown:
+        raise ValueError(f"{where}: {type(module).__name__} has no parameter or buffer named {_names(unknown)}; "
+                         f"its parameters are {_names(own_params)}.")
+    missing = [k for k in own_params if k not in merged]
+    if missing:
+        raise ValueError(f"{where}: no tensor given for the parameter(s) {_names(missing)} of "
+                         f"{type(module).__name__}; pass them too (constants included), e.g. "
+                         "tensors(module) split into params and hparams.")
+    return merged, own_buffers
+
+
+def _running_statistics(module: nn.Module) -> list[str]:
+    """Names of the running statistics of ``module``'s normalisation layers in train mode.
+
+    :func:`call` passes ``None`` for them: with no running statistics, ``BatchNorm*`` and
+    ``InstanceNorm*`` normalise with the input's statistics and write nothing (nothing
+    in-place meets a vmapped or differentiated input).  Switching ``track_running_stats``
+    off would not do for ``InstanceNorm*``, which hands its running statistics to
+    ``instance_norm`` (an in-place update) in train mode whatever that flag says."""
+    return [f"{name}.{b}" if name else b
+            for name, m in module.named_modules() if isinstance(m, _NORM) and m.training and m.track_running_stats
+            for b in ("running_mean", "running_var", "num_batches_tracked") if getattr(m, b, None) is not None]
 
 
 def _merge(tensors: Any, where: str) -> Named:
