@@ -57,8 +57,8 @@ first-order (too high far from ``w*`` on nonlinear problems, or before a Lasso s
 identified).  It assumes the IFT setting: ``A`` invertible at and near ``ŵ`` (``g``
 strongly convex near ``w*``, or Φ a contraction), ``f`` and ``g``/Φ smooth (or piecewise
 smooth and on the right piece).  Cost (``ErrorEstimate.products``): three Krylov runs of
-2–8 products, about 6 more products with ``A`` and the λ-part, and one gradient of ``f``
-and of ``g`` (or one Φ) at ``w'``: 14–30 products in all, paid only when asked for
+2–8 products, 5 more products with ``A`` and the λ-part, and one gradient of ``f``
+and of ``g`` (or one Φ) at ``w'``: 13–31 products in all, paid only when asked for
 (``hypergrad(..., estimate=True)`` or ``tol=``).
 """
 
@@ -251,7 +251,7 @@ class AIDError:
     another point; ``outer_grads(w') = (∇_w f, ∇_λ f)`` at ``w'``; ``b = ∇_w f(w)`` and
     ``gl = ∇_λ f(w)``.  The inner part (Krylov step toward ``w*`` and the operator at
     ``w' = w + e``) is computed on the first call and reused by later ones, so re-estimating
-    after more linear-solver iterations (``tol=``) costs ``steps + 4`` products.
+    after more linear-solver iterations (``tol=``) costs two Krylov runs and 5 products.
     """
 
     def __init__(self, op: Any, op_at: Callable[[Leaves], Any],
@@ -324,7 +324,7 @@ class AIDError:
         inner_err = torch.where((e_norm == 0) & (inner_tail > 0), torch.full_like(inner_err, float("inf")),
                                 inner_err)
         contraction = 1 - _div(s_min, s_max) if optimality else _nanmax(inner.rate_max, lin.rate_max)
-        self.products += lin.steps + shift.steps + 6  # r, cross(y), and at w': A v, cross v, cross
+        self.products += lin.steps + shift.steps + 5  # A v for r, cross(y), and at w': A v, cross v, cross
         inner_err, linear = MARGIN * inner_err, MARGIN * linear
         return ErrorEstimate(
             info_number(inner_err + linear), info_number(inner_err), info_number(linear),
