@@ -36,28 +36,35 @@ from bilevel.linear_solve import CG, Solver
 
 __all__ = ["hypergrad_within"]
 
+Leaves = list[torch.Tensor]
+
 _FIRST_INNER_CHUNK = 10
+
+
+def iterate(step: Callable[[Any, Any], Any], w: Any, hparams: Any, n: int, what: str, fix: str) -> tuple[Any, Leaves]:
+    """``n`` steps ``w ← step(w, λ)`` without a graph; returns the iterate and the step norms
+    ``‖w_{t+1} − w_t‖`` (on the device), judged once at the end (:func:`check_not_diverging`:
+    ``what`` names the iteration, ``fix`` says what to change)."""
+    norms: Leaves = []
+    flat = T.tree_flatten(w)[0]
+    with torch.no_grad():
+        for _ in range(n):
+            w = step(w, hparams)
+            new = T.tree_flatten(w)[0]
+            norms.append(T.norm(T.sub(new, flat)))
+            flat = new
+    check_not_diverging(norms, flat, what, fix)
+    return w, norms
 
 
 def _inner_steps(inner_step: Callable[[Any, Any], Any], w: Any, hparams: Any, n: int) -> tuple[Any, torch.Tensor]:
     """``n`` inner steps; returns the iterate and the per-step contraction ``ρ`` measured from
     the first and last step lengths (NaN when ``n < 2``)."""
-    first = last = None
-    norms = []
-    with torch.no_grad():
-        for _ in range(n):
-            new = inner_step(w, hparams)
-            step = T.norm(T.sub(T.tree_flatten(new)[0], T.tree_flatten(w)[0]))
-            first = step if first is None else first
-            last = step
-            norms.append(step)
-            w = new
-    check_not_diverging(norms, T.tree_flatten(w)[0], "hypergrad_within: the inner iterations",
-                        "inner_step should contract near the solution (a gradient step needs a step size < 2/L).")
-    if n < 2 or first is None or last is None:
+    w, norms = iterate(inner_step, w, hparams, n, "hypergrad_within: the inner iterations",
+                       "inner_step should contract near the solution (a gradient step needs a step size < 2/L).")
+    if n < 2:
         return w, torch.tensor(math.nan)
-    rate = (last / first).clamp(min=1e-300) ** (1.0 / (n - 1))
-    return w, rate
+    return w, (norms[-1] / norms[0]).clamp(min=1e-300) ** (1.0 / (n - 1))
 
 
 def hypergrad_within(

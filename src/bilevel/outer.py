@@ -51,7 +51,7 @@ from bilevel._checks import (
     leaves,
     scalar,
 )
-from bilevel.budget import hypergrad_within
+from bilevel.budget import hypergrad_within, iterate
 from bilevel.ift import hypergrad
 from bilevel.linear_solve import CG, FixedPoint, Solver, check_solver
 from bilevel.stochastic import (
@@ -378,14 +378,7 @@ def _inner_advice(optimality: bool) -> str:
 def _iterate(step: Callable[[Any, Any], Any], w0: Any, hparams: Any, steps: int, advice: str) -> Any:
     w = T.tree_map(lambda t: t.detach(), w0)
     lam = T.tree_map(lambda t: t.detach(), hparams)
-    norms = []  # ‖w_{t+1} − w_t‖ per step, on the device: judged once at the end
-    with torch.no_grad():
-        for _ in range(steps):
-            new = step(w, lam)
-            norms.append(T.norm(T.sub(T.tree_flatten(new)[0], T.tree_flatten(w)[0])))
-            w = new
-    check_not_diverging(norms, T.tree_flatten(w)[0], "the inner fixed-point iterations", advice)
-    return w
+    return iterate(step, w, lam, steps, "the inner fixed-point iterations", advice)[0]
 
 
 @dataclass(frozen=True)
