@@ -89,6 +89,19 @@ def test_within_needs_an_inner_step_for_an_inner_loss():
         bilevel.hypergrad_within(inst.outer_loss, inst.w0, inst.hparams, tol=1e-3, inner_loss=inst.inner_loss)
 
 
+def test_within_needs_exactly_one_form_before_any_inner_step():
+    inst = ridge(0, 10.0)
+    calls = []
+
+    def step(w, lam):
+        calls.append(1)
+        return inst.step(w, lam)
+
+    with pytest.raises(ValueError, match="exactly one"):
+        bilevel.hypergrad_within(inst.outer_loss, inst.w0, inst.hparams, tol=1e-3, inner_step=step)
+    assert not calls
+
+
 def test_within_warm_start_across_outer_steps():
     """A second call at nearby hparams, warm-started with the returned params and info.v,
     needs far fewer inner steps than the first."""

@@ -27,6 +27,7 @@ from bilevel._checks import (
     ConvergenceWarning,
     check_count,
     check_not_diverging,
+    check_one_form,
     check_positive,
     warn_error_above,
     worst,
@@ -98,13 +99,15 @@ def hypergrad_within(
     """
     check_positive("hypergrad_within: tol", tol)
     check_count("hypergrad_within: max_inner", max_inner)
+    check_one_form(inner_loss, fixed_point)
     if inner_step is None:
         if fixed_point is None:
             raise ValueError("hypergrad_within needs inner_step= (one step of the inner iteration, e.g. "
                              "lambda w, lam: w - eta * grad_w inner_loss(w, lam)) when no fixed_point= is given.")
         inner_step = fixed_point
     w, used, chunk, linear_its = params, 0, min(_FIRST_INNER_CHUNK, max_inner), 0
-    v, products, history = init, 0, []
+    v, products, prev_inner = init, 0, None
+    target = 0.5 * tol  # the inner part's share of tol; the linear part gets the rest
     while True:
         w, rate = _inner_steps(inner_step, w, hparams, chunk)
         used += chunk
@@ -119,13 +122,12 @@ def hypergrad_within(
         total, inner = worst(torch.as_tensor(err.total)), worst(torch.as_tensor(err.inner))
         if total <= tol or used >= max_inner or not math.isfinite(total):
             break
-        target = 0.5 * tol  # the inner part's share of tol; the linear part gets the rest
         r = worst(rate)
-        if history and 0 < inner < history[-1][1]:
+        if prev_inner is not None and 0 < inner < prev_inner:
             # the rate of the estimated inner error itself over the last chunk: step-length
             # ratios over a short chunk see the fast modes and promise too much
-            r = (inner / history[-1][1]) ** (1.0 / (used - history[-1][0]))
-        history.append((used, inner))
+            r = (inner / prev_inner) ** (1.0 / chunk)
+        prev_inner = inner
         if inner <= target:  # only the linear part is short: hypergrad(tol=) hit maxiter
             break
         if math.isfinite(r) and 0 < r < 1:
