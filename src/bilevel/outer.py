@@ -302,8 +302,9 @@ class AIDBilevel(_DeterministicLoop):
 
     With ``tol=ε`` (inexact hypergradient descent with automatic budgets): step ``s`` asks
     :func:`bilevel.hypergrad_within` for a hypergradient within ``ε_s = ε/√(s+1)`` (estimated
-    error), running as many inner steps (at most ``inner_steps``) and linear-solver
-    iterations as that needs; ``warm_start=True`` makes later steps cheap.
+    error, reported as ``OuterInfo.hypergrad_error``), running as many inner steps (at most
+    ``inner_steps``) and linear-solver iterations as that needs; ``warm_start=True`` makes
+    later steps cheap.  Without ``tol`` no error estimate is computed (it is opt-in).
     """
 
     outer_loss: Callable[[Any, Any], torch.Tensor]
@@ -334,12 +335,10 @@ class AIDBilevel(_DeterministicLoop):
             return self._step_within(state, inner, warm)
         w = _iterate(inner, state.params if warm else self.params0, state.hparams, self.inner_steps,
                      _inner_advice(self.inner_loss is not None))
-        solver = self.solver or (CG() if self.inner_loss is not None else FixedPoint())
         hg, hinfo = hypergrad(
             self.outer_loss, w, state.hparams, inner_loss=self.inner_loss, fixed_point=self.fixed_point,
-            solver=solver, init=state.v if warm else None, return_info=True,
+            solver=self._solver(), init=state.v if warm else None, return_info=True,
             inner_tol=math.inf,  # inexact inner solutions by design: inner_steps and warm starts control them
-            estimate=False,
         )
         lam = _descend(state.hparams, hg, as_step_size(self.lr, "lr"), state.step, self.projection)
         used = self.data_size * (self.inner_steps + hinfo.iterations + 2)  # + ∇f and the λ-part
@@ -348,14 +347,15 @@ class AIDBilevel(_DeterministicLoop):
                         float(hinfo.residual), float(hinfo.outer_loss), used, total)
         return replace(state, hparams=lam, params=w, v=hinfo.v, step=state.step + 1, samples=total), out
 
+    def _solver(self) -> Solver:
+        return self.solver or (CG() if self.inner_loss is not None else FixedPoint())
 
     def _step_within(self, state: OuterState, inner: Callable[[Any, Any], Any],
                      warm: bool) -> tuple[OuterState, OuterInfo]:
         eps = self.tol / math.sqrt(state.step + 1)  # type: ignore[operator]
-        solver = self.solver or (CG() if self.inner_loss is not None else FixedPoint())
         hg, w, hinfo = hypergrad_within(
             self.outer_loss, state.params if warm else self.params0, state.hparams, tol=eps, inner_step=inner,
-            inner_loss=self.inner_loss, fixed_point=self.fixed_point, solver=solver,
+            inner_loss=self.inner_loss, fixed_point=self.fixed_point, solver=self._solver(),
             init=state.v if warm else None, max_inner=self.inner_steps,
         )
         lam = _descend(state.hparams, hg, as_step_size(self.lr, "lr"), state.step, self.projection)
