@@ -264,3 +264,44 @@ def test_update_stats_refuses_missing_and_unknown_names_as_call_does():
     with pytest.raises(TypeError, match="should be an nn.Module"):
         update_stats(lambda x: x, (hp, p), X)
     assert int(net[0][1].num_batches_tracked) == 0
+
+
+def _same(net, own):
+    now = dict(net.named_parameters())
+    return now.keys() == own.keys() and all(now[k] is own[k] for k in own)
+
+
+def test_a_shared_submodule_and_a_tied_weight_stay_the_modules_own():
+    # one Linear and one BatchNorm applied twice (two paths to one submodule), and a weight tied
+    # between two distinct layers: call uses the given tensors everywhere and leaves the module's
+    # own Parameters and buffers in place (functional_call(tie_weights=True) swaps a shared
+    # slot twice and restores the given tensor: pytorch/pytorch#164759)
+    torch.manual_seed(0)
+    lin, bn, a, b = nn.Linear(3, 3), nn.BatchNorm1d(3), nn.Linear(3, 3, bias=False), nn.Linear(3, 3, bias=False)
+    b.weight = a.weight
+    net = nn.Sequential(lin, bn, nn.Tanh(), lin, bn, a, nn.Tanh(), b).to(F64)
+    own = dict(net.named_parameters())
+    own_buffers = {k: t.clone() for k, t in net.named_buffers()}
+    assert set(own) == {"0.weight", "0.bias", "1.weight", "1.bias", "5.weight"}
+    named = {k: torch.randn_like(t) for k, t in own.items()}
+    X = torch.randn(6, 3, dtype=F64)
+
+    def by_hand(p, x):
+        def lin_bn(h):
+            h = h @ p["0.weight"].T + p["0.bias"]
+            return torch.nn.functional.batch_norm(h, None, None, p["1.weight"], p["1.bias"], training=True)
+
+        h = lin_bn(torch.tanh(lin_bn(x)))
+        return torch.tanh(h @ p["5.weight"].T) @ p["5.weight"].T
+
+    for _ in range(2):
+        assert torch.allclose(call(net, named, X), by_hand(named, X), rtol=1e-12, atol=1e-14)
+        g = torch.func.grad(lambda p: call(net, p, X).sum())(named)
+        want = torch.func.grad(lambda p: by_hand(p, X).sum())(named)
+        assert all(torch.allclose(g[k], want[k], rtol=1e-10, atol=1e-12) for k in named)
+        assert _same(net, own) and all(type(t) is nn.Parameter for t in own.values())
+        assert net[3] is lin and lin.weight is own["0.weight"] and b.weight is a.weight
+        for k, t in net.named_buffers():
+            assert torch.equal(t, own_buffers[k]), k
+    update_stats(net, tensors(net), X)
+    assert _same(net, own) and int(bn.num_batches_tracked) == 2  # bn runs twice per pass

@@ -122,7 +122,7 @@ def call(module: nn.Module, tensors: Mapping[str, torch.Tensor] | Sequence[Mappi
     aside = _running_statistics(module)
     kept = {k: t for k, t in own_buffers.items() if k not in merged and k not in aside}
     versions = {k: t._version for k, t in kept.items()}
-    out = functional_call(module, {**merged, **dict.fromkeys(aside)}, args, kwargs, tie_weights=True, strict=False)
+    out = _functional_call(module, {**merged, **dict.fromkeys(aside)}, args, kwargs)
     changed = [k for k, t in kept.items() if t._version != versions[k]]
     if changed:
         raise RuntimeError(f"call: {type(module).__name__}.forward wrote its buffer(s) {_names(changed)}, so the "
@@ -150,8 +150,7 @@ def update_stats(module: nn.Module, tensors: Mapping[str, torch.Tensor] | Sequen
     try:
         module.train()
         with torch.no_grad():
-            return functional_call(module, {k: t.detach() for k, t in merged.items()}, args, kwargs,
-                                   tie_weights=True, strict=False)
+            return _functional_call(module, {k: t.detach() for k, t in merged.items()}, args, kwargs)
     finally:
         for m, mode in modes.items():
             m.training = mode
@@ -185,6 +184,23 @@ def set_grad(module: nn.Module, grads: Mapping[str, torch.Tensor], *, accumulate
             p.grad = p.grad + g
         else:
             p.grad = g.clone()
+
+
+def _functional_call(module: nn.Module, named: Mapping[str, torch.Tensor | None], args: Any, kwargs: Any) -> Any:
+    """``functional_call`` with each tensor in every slot (owning module, attribute) that
+    holds it: a weight tied between two layers takes the given value in both.  Not
+    ``tie_weights=True``: on a submodule reached by two paths (one layer applied twice) it
+    swaps the one slot twice and leaves the given tensor in the module afterwards
+    (pytorch/pytorch#164759)."""
+    slots: dict[str, list[str]] = {}  # name in named_parameters()/named_buffers() -> one name per slot
+    first: dict[int, str] = {}        # id of a tensor -> that name
+    for prefix, m in module.named_modules():  # each submodule once, by its first path: each slot once
+        for attr, t in [*m.named_parameters(recurse=False, remove_duplicate=False),
+                        *m.named_buffers(recurse=False, remove_duplicate=False)]:
+            name = f"{prefix}.{attr}" if prefix else attr
+            slots.setdefault(first.setdefault(id(t), name), []).append(name)
+    full = {s: t for k, t in named.items() for s in slots.get(k, [k])}
+    return functional_call(module, full, args, kwargs, tie_weights=False, strict=False)
 
 
 def _inputs(module: nn.Module, tensors: Any, where: str) -> tuple[Named, Named]:
