@@ -305,3 +305,33 @@ def test_a_shared_submodule_and_a_tied_weight_stay_the_modules_own():
             assert torch.equal(t, own_buffers[k]), k
     update_stats(net, tensors(net), X)
     assert _same(net, own) and int(bn.num_batches_tracked) == 2  # bn runs twice per pass
+
+
+def test_deq_cell_with_a_shared_submodule_keeps_its_parameters():
+    # the DEQ backward evaluates the cell with functional_call: the cell's Linear, reached by two
+    # paths, must still hold its own Parameter afterwards (and receive the gradient)
+    class Cell(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+            self.seq = nn.Sequential(self.lin, nn.Tanh())
+
+        def forward(self, z, x):
+            return 0.5 * self.seq(z) + x
+
+    torch.manual_seed(0)
+    cell = Cell().to(F64)
+    weight = cell.lin.weight
+    x = torch.randn(3, 4, dtype=F64)
+    for _ in range(2):
+        deq = bl.nn.DEQ(cell, solver=bl.Anderson(maxiter=100, tol=1e-12), backward_solver=bl.GMRES(tol=1e-12))
+        deq(x).sum().backward()
+        assert cell.lin.weight is weight and cell.seq[0].weight is weight
+    z = bl.nn.DEQ(cell, solver=bl.Anderson(maxiter=100, tol=1e-12))(x).detach()
+    # ∂/∂W of Σz*: by the implicit function theorem at the solved z*, against autograd through a long Picard unroll
+    zz = torch.zeros_like(x)
+    for _ in range(200):
+        zz = cell(zz, x)
+    (g,) = torch.autograd.grad(zz.sum(), [weight])
+    assert torch.allclose(zz, z, atol=1e-10)
+    assert torch.allclose(weight.grad / 2, g, rtol=1e-8, atol=1e-10)

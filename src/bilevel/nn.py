@@ -322,7 +322,7 @@ class DEQ(nn.Module):
         weights = dict(cell.named_parameters())
 
         def cell_map(z: torch.Tensor, hparams: tuple[dict[str, torch.Tensor], torch.Tensor]) -> Any:
-            return functional_call(cell, hparams[0], (z, hparams[1]))
+            return _functional_call(cell, hparams[0], (z, hparams[1]), {})
 
         def solve_forward(z: torch.Tensor, hparams: tuple[dict[str, torch.Tensor], torch.Tensor]) -> Any:
             # hparams[0] holds the cell's own parameters (values, maybe wrapped by a
