@@ -81,7 +81,7 @@ class HypergradInfo:
     ``error_estimate``: an estimate of an upper bound on ``‖ĝ − ∇F(λ)‖`` (Euclidean over all
     hparams leaves) from the inner residual and the linear-system residual, and
     ``contraction``: the estimated ``q̂`` (``‖∂_wΦ‖``, or ``1 − μ̂/L̂`` for an inner_loss);
-    ``error``: the parts (:class:`bilevel.error.ErrorEstimate`).  ``None`` with
+    ``error``: the parts (:class:`bilevel.error.ErrorEstimate`).  ``None`` unless
     ``estimate=True`` or ``tol=``.  An estimate, not a guarantee: see :mod:`bilevel.error`.
     ``inner_iterations``: inner steps run (by :func:`bilevel.hypergrad_within`; else 0).
     ``damping``: the ``δ`` of the damped system ``(A + δI) v = b`` that was solved.
@@ -331,7 +331,7 @@ def hypergrad(
     Accuracy: with ``estimate=True`` (and ``return_info=True``) the info carries
     ``error_estimate``, an a-posteriori estimate of ``‖ĝ − ∇F(λ)‖`` (the inner error from the
     inner residual, the linear-system error from its true residual; :mod:`bilevel.error`).
-    It costs 14–30 extra products (as much as a short solve), so it is off by default.
+    It costs 13–31 extra products (as much as a short solve), so it is off by default.
     ``tol=ε`` chooses the linear solve's length instead of
     ``solver.tol``: iterations (up to ``solver.maxiter``) are added until the estimated
     error is ``≤ ε``; if the inner error alone exceeds ``ε`` it warns that ``ε`` cannot be
