@@ -135,9 +135,11 @@ def update_stats(module: nn.Module, tensors: Mapping[str, torch.Tensor] | Sequen
                  *args: Any, **kwargs: Any) -> Any:
     """Update the running statistics of ``module``'s normalisation layers with one forward
     pass at ``tensors`` (all its parameters, checked as by :func:`call`), in train mode, under
-    ``torch.no_grad()``: the statistics move by each layer's ``momentum`` toward the batch
-    statistics of ``args``, exactly as one ordinary training forward pass would move them.
-    The module's buffers are written in place; its train/eval modes are restored.  Returns
+    ``torch.no_grad()``: ``running ← (1 − momentum)·running + momentum·batch`` (the batch
+    mean, and the unbiased batch variance; with ``momentum=None`` the cumulative average),
+    exactly as one ordinary training forward pass on ``args`` would move them.
+    Every submodule runs in train mode, an eval-mode (frozen) normalisation layer included;
+    the module's buffers are written in place; its train/eval modes are restored.  Returns
     the output of that pass (detached).  Call it outside any differentiation or
     ``torch.func`` transform, e.g. once per outer step on the meta-batch's data.
     """
@@ -179,11 +181,10 @@ def set_grad(module: nn.Module, grads: Mapping[str, torch.Tensor], *, accumulate
             shape = tuple(g.shape) if isinstance(g, torch.Tensor) else type(g).__name__
             raise ValueError(f"set_grad: the gradient for {k!r} should have the shape {tuple(p.shape)} of the "
                              f"parameter, not {shape}.")
-        g = g.detach().to(dtype=p.dtype, device=p.device)
         if accumulate and p.grad is not None:
-            p.grad = p.grad + g
+            p.grad = p.grad + g.detach().to(dtype=p.dtype, device=p.device)
         else:
-            p.grad = g.clone()
+            p.grad = g.detach().to(dtype=p.dtype, device=p.device, copy=True)
 
 
 def _functional_call(module: nn.Module, named: Mapping[str, torch.Tensor | None], args: Any, kwargs: Any) -> Any:
