@@ -32,6 +32,18 @@ _IDX_DTYPES = {0x08: torch.uint8, 0x09: torch.int8, 0x0B: torch.int16, 0x0C: tor
 
 
 @dataclass(frozen=True)
+class Split:
+    """A train / validation / test split of one dataset; a job's ``Data`` adds its own fields."""
+
+    X_train: torch.Tensor
+    y_train: torch.Tensor
+    X_val: torch.Tensor
+    y_val: torch.Tensor
+    X_test: torch.Tensor
+    y_test: torch.Tensor
+
+
+@dataclass(frozen=True)
 class Images:
     """``X``: float32 in [0, 1], one flattened image per row; ``y``: int64 labels; ``shape``:
     the image shape (``(8, 8)`` for digits, ``(28, 28)`` for MNIST)."""

@@ -42,7 +42,7 @@ import torch
 
 import bilevel
 from bilevel import nonsmooth, prox
-from bilevel.apps import _runs
+from bilevel.apps import _data, _runs
 from bilevel.stochastic import BatchStream, DecreasingStep
 
 DTYPE = torch.float64
@@ -84,13 +84,7 @@ QUICK = {
 
 
 @dataclass(frozen=True)
-class Data:
-    X_train: torch.Tensor
-    y_train: torch.Tensor
-    X_val: torch.Tensor
-    y_val: torch.Tensor
-    X_test: torch.Tensor
-    y_test: torch.Tensor
+class Data(_data.Split):
     groups: torch.Tensor  # group id per feature (stage 2)
     group_names: tuple[str, ...]
     n_real: int

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 import bilevel
-from bilevel.apps import _runs
+from bilevel.apps import _data, _runs
 
 Params = tuple[torch.Tensor, torch.Tensor]  # (W: d × classes, b: classes)
 DTYPE = torch.float64
@@ -72,13 +72,7 @@ QUICK = {"steps": 6, "n_noise": 8, "n_train": 120, "n_val": 120, "inner_maxiter"
 
 
 @dataclass(frozen=True)
-class Data:
-    X_train: torch.Tensor
-    y_train: torch.Tensor
-    X_val: torch.Tensor
-    y_val: torch.Tensor
-    X_test: torch.Tensor
-    y_test: torch.Tensor
+class Data(_data.Split):
     real: torch.Tensor  # bool mask over features: True for pixels, False for noise
     pixels: torch.Tensor  # index in the 8×8 image of each real feature
     n_classes: int

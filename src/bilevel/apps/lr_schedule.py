@@ -80,13 +80,7 @@ HISTORY_KEYS = ("val_loss", "hypergrad_norm", "lr_min", "lr_max", "momentum_mean
 
 
 @dataclass(frozen=True)
-class Data:
-    X_train: torch.Tensor
-    y_train: torch.Tensor
-    X_val: torch.Tensor
-    y_val: torch.Tensor
-    X_test: torch.Tensor
-    y_test: torch.Tensor
+class Data(_data.Split):
     n_classes: int
     source: str
 

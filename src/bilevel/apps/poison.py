@@ -78,13 +78,7 @@ HISTORY_KEYS = ("val_loss", "val_acc", "test_acc", "hypergrad_norm", "cg_iterati
 
 
 @dataclass(frozen=True)
-class Data:
-    X_train: torch.Tensor
-    y_train: torch.Tensor
-    X_val: torch.Tensor
-    y_val: torch.Tensor
-    X_test: torch.Tensor
-    y_test: torch.Tensor
+class Data(_data.Split):
     start: torch.Tensor  # the poisoned points' starting pixels (copies of training images)
     y_poison: torch.Tensor  # their (wrong) labels, fixed
     source_index: torch.Tensor  # which training image each started from
