@@ -26,3 +26,23 @@ def one_thread():
 
     with single():
         yield
+
+
+@pytest.fixture
+def killed_at(monkeypatch):
+    """``killed_at(module, name, n)``: the n-th call of ``module.name`` raises KeyboardInterrupt,
+    as a kill in the middle of a run would; returns ``revive()``, which puts the real one back."""
+
+    def kill(module, name, n):
+        real, calls = getattr(module, name), [0]
+
+        def dying(*args, **kwargs):
+            calls[0] += 1
+            if calls[0] == n:
+                raise KeyboardInterrupt
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, dying)
+        return lambda: monkeypatch.setattr(module, name, real)
+
+    return kill

@@ -72,23 +72,15 @@ def test_full_config_meets_the_brief():
     assert len(data.y_test) == 1797 - cfg.n_train - cfg.n_val
 
 
-def test_resume_after_interrupt_gives_the_same_lambda(quick_run, tmp_path, monkeypatch):
+def test_resume_after_interrupt_gives_the_same_lambda(quick_run, tmp_path, killed_at):
     """Crash inside step 4 of 6, resume from the checkpoint of step 3: same final λ."""
     full = torch.tensor(json.loads((quick_run / "results.json").read_text())["learned"]["lam"])
 
-    real_hypergrad, calls = H.job_hypergrad, {"n": 0}
-
-    def crashing(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt
-        return real_hypergrad(*args, **kwargs)
-
-    monkeypatch.setattr(H, "job_hypergrad", crashing)
+    revive = killed_at(H, "job_hypergrad", 4)
     with pytest.raises(KeyboardInterrupt):
         H.main(["--quick", "--out", str(tmp_path), "--no-progress"])
     assert _runs.load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 3
-    monkeypatch.setattr(H, "job_hypergrad", real_hypergrad)
+    revive()
 
     assert H.main(["--quick", "--out", str(tmp_path), "--no-progress", "--resume"]) == 0
     resumed = json.loads((tmp_path / "results.json").read_text())

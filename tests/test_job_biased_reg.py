@@ -123,25 +123,17 @@ def test_quick_run_end_to_end(tmp_path, capsys, one_thread):
     assert s["oracle"]["mean"] < s["learned"]["final_mean"] < s["independent"]["mean"]
 
 
-def test_kill_and_resume_is_bit_identical(tmp_path, monkeypatch, one_thread):
+def test_kill_and_resume_is_bit_identical(tmp_path, killed_at, one_thread):
     args = ["--quick", "--no-progress"]
     assert job.main([*args, "--out", str(tmp_path / "full")]) == 0
     full = json.loads((tmp_path / "full" / "results.json").read_text())
 
-    real, calls = job.online_meta_step, {"n": 0}
-
-    def crashing(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 45:  # in the second part (30 tasks each in --quick)
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(job, "online_meta_step", crashing)
+    revive = killed_at(job, "online_meta_step", 45)  # in the second part (30 tasks each in --quick)
     out = tmp_path / "cut"
     with pytest.raises(KeyboardInterrupt):
         job.main([*args, "--out", str(out)])
     assert not (out / "results.json").exists()
-    monkeypatch.setattr(job, "online_meta_step", real)
+    revive()
     assert job.main([*args, "--out", str(out), "--resume"]) == 0
     resumed = json.loads((out / "results.json").read_text())
     assert _numbers(resumed) == _numbers(full)

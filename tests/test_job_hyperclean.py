@@ -132,22 +132,15 @@ def test_mlp_run_writes_results(tmp_path, one_thread):
     _check_results(tmp_path, cfg)
 
 
-def test_killed_and_resumed_gives_the_same_numbers(tmp_path, one_thread, monkeypatch):
+def test_killed_and_resumed_gives_the_same_numbers(tmp_path, one_thread, killed_at):
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     assert H.main(["--quick", "--no-progress", "--out", str(whole)]) == 0
-    real, calls = H.job_hypergrad, {"n": 0}
 
-    def killed_at_step_3(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(H, "job_hypergrad", killed_at_step_3)
+    revive = killed_at(H, "job_hypergrad", 3)
     with pytest.raises(KeyboardInterrupt):
         H.main(["--quick", "--no-progress", "--out", str(parts)])
     assert _runs.load_checkpoint(parts / "checkpoint.pt", H.CHECKPOINT_KEYS)["step"] == 2
-    monkeypatch.setattr(H, "job_hypergrad", real)
+    revive()
     assert H.main(["--quick", "--no-progress", "--out", str(parts), "--resume"]) == 0
     assert _numbers(parts) == _numbers(whole)
 

@@ -148,23 +148,16 @@ def test_logistic_head_meta_gradient_against_finite_differences(method):
     assert abs(dot - fd) <= 1e-3 * abs(fd), (dot, fd)
 
 
-def test_kill_and_resume_gives_the_uninterrupted_numbers(tmp_path, monkeypatch, one_thread):
+def test_kill_and_resume_gives_the_uninterrupted_numbers(tmp_path, killed_at, one_thread):
     full = tmp_path / "full"
     assert _quick(full) == 0
     want = json.loads((full / "results.json").read_text())
-    real, calls = J.meta_gradient, {"n": 0}
-
-    def crashing(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
 
     part = tmp_path / "part"
-    monkeypatch.setattr(J, "meta_gradient", crashing)
+    revive = killed_at(J, "meta_gradient", 3)
     with pytest.raises(KeyboardInterrupt):
         _quick(part)
-    monkeypatch.setattr(J, "meta_gradient", real)
+    revive()
     assert torch.load(part / "checkpoint.pt", weights_only=False)["step"] == 2
     assert _quick(part, "--resume") == 0
     got = json.loads((part / "results.json").read_text())

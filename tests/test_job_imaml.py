@@ -111,24 +111,16 @@ def _gd(model, th, x, y, steps, lr):
     return J.adapt(model, th, x, y, steps, lr)
 
 
-def test_kill_and_resume_gives_the_uninterrupted_numbers(tmp_path, monkeypatch, one_thread):
+def test_kill_and_resume_gives_the_uninterrupted_numbers(tmp_path, killed_at, one_thread):
     full = tmp_path / "full"
     assert _quick(full) == 0
     want = json.loads((full / "results.json").read_text())
 
-    real, calls = J.meta_step, {"n": 0}
-
-    def crashing(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3 * 3 + 2:  # the second method of the fourth meta-step
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
     part = tmp_path / "part"
-    monkeypatch.setattr(J, "meta_step", crashing)
+    revive = killed_at(J, "meta_step", 3 * 3 + 2)  # the second method of the fourth meta-step
     with pytest.raises(KeyboardInterrupt):
         _quick(part)
-    monkeypatch.setattr(J, "meta_step", real)
+    revive()
     assert torch.load(part / "checkpoint.pt", weights_only=False)["step"] == 3
     assert _quick(part, "--resume") == 0
     got = json.loads((part / "results.json").read_text())

@@ -59,19 +59,12 @@ def test_errors_decrease_and_estimates_bound_them_at_the_end():
     assert c["AID-CG"]["error"][-1] < c["AID-FP"]["error"][-1]  # CG beats fixed-point iterations
 
 
-def test_kill_and_resume_gives_the_uninterrupted_numbers(tmp_path, monkeypatch):
+def test_kill_and_resume_gives_the_uninterrupted_numbers(tmp_path, killed_at):
     full = ic.run(ic.Config(**ic.QUICK), tmp_path / "full", show=False)
-    real, calls = ic.curves, {"n": 0}
 
-    def dying(p, cfg):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real(p, cfg)
-
-    monkeypatch.setattr(ic, "curves", dying)
+    revive = killed_at(ic, "curves", 2)
     with pytest.raises(KeyboardInterrupt):
         ic.run(ic.Config(**ic.QUICK), tmp_path / "cut", show=False)
-    monkeypatch.setattr(ic, "curves", real)
+    revive()
     resumed = ic.run(ic.Config(**ic.QUICK), tmp_path / "cut", resume=True, show=False)
     assert _numbers(resumed) == _numbers(full)

@@ -133,24 +133,16 @@ def test_quick_run_end_to_end(tmp_path, capsys, one_thread):
     assert res["data"]["train_series"] + res["data"]["test_series"] == res["data"]["series"]
 
 
-def test_kill_and_resume_is_bit_identical(tmp_path, monkeypatch, one_thread):
+def test_kill_and_resume_is_bit_identical(tmp_path, killed_at, one_thread):
     args = ["--quick", "--no-progress"]
     assert job.main([*args, "--out", str(tmp_path / "full")]) == 0
     full = json.loads((tmp_path / "full" / "results.json").read_text())
 
-    real, calls = job.training_batch, {"n": 0}
-
-    def crashing(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 9:  # the third step of the second model (6 steps each in --quick)
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(job, "training_batch", crashing)
+    revive = killed_at(job, "training_batch", 9)  # the third step of the second model (6 steps each in --quick)
     out = tmp_path / "cut"
     with pytest.raises(KeyboardInterrupt):
         job.main([*args, "--out", str(out)])
-    monkeypatch.setattr(job, "training_batch", real)
+    revive()
     assert job.main([*args, "--out", str(out), "--resume"]) == 0
     resumed = json.loads((out / "results.json").read_text())
     assert _numbers(resumed) == _numbers(full)

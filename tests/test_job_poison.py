@@ -108,22 +108,15 @@ def test_quick_run_writes_results(tmp_path, one_thread, capsys):
     assert "optimised poison" in capsys.readouterr().out
 
 
-def test_killed_and_resumed_gives_the_same_numbers(tmp_path, one_thread, monkeypatch):
+def test_killed_and_resumed_gives_the_same_numbers(tmp_path, one_thread, killed_at):
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     assert P.main(["--quick", "--no-progress", "--out", str(whole)]) == 0
-    real, calls = P.job_hypergrad, {"n": 0}
 
-    def killed_at_step_3(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(P, "job_hypergrad", killed_at_step_3)
+    revive = killed_at(P, "job_hypergrad", 3)
     with pytest.raises(KeyboardInterrupt):
         P.main(["--quick", "--no-progress", "--out", str(parts)])
     assert _runs.load_checkpoint(parts / "checkpoint.pt", P.CHECKPOINT_KEYS)["step"] == 2
-    monkeypatch.setattr(P, "job_hypergrad", real)
+    revive()
     assert P.main(["--quick", "--no-progress", "--out", str(parts), "--resume"]) == 0
     assert _numbers(parts) == _numbers(whole)
 
