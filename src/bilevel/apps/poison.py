@@ -40,10 +40,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 import bilevel
 from bilevel.apps import _data, _runs
+from bilevel.apps.ho_digits import accuracy, cross_entropy  # the same linear softmax model
 
 Params = tuple[torch.Tensor, torch.Tensor]  # (W: d × classes, b: classes)
 DTYPE = torch.float64
@@ -114,16 +114,6 @@ def load_data(cfg: Config, device: torch.device | str = "cpu") -> Data:
 def init_params(data: Data) -> Params:
     d, c, dev = data.X_train.shape[1], data.n_classes, data.X_train.device
     return torch.zeros(d, c, dtype=DTYPE, device=dev), torch.zeros(c, dtype=DTYPE, device=dev)
-
-
-def cross_entropy(params: Params, X: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    W, b = params
-    return F.cross_entropy(X @ W + b, y)
-
-
-def accuracy(params: Params, X: torch.Tensor, y: torch.Tensor) -> float:
-    W, b = params
-    return float(((X @ W + b).argmax(1) == y).to(DTYPE).mean())
 
 
 def make_losses(data: Data, cfg: Config, y_poison: torch.Tensor | None = None) -> tuple[Any, Any]:
