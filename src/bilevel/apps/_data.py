@@ -6,6 +6,10 @@ Where the IDX files are looked for, in order (the first folder holding all four 
 ``--data-dir`` itself; ``$BILEVEL_DATA/<name>``; ``~/.cache/bilevel/<name>``; torchvision's
 layout ``<root>/<Name>/raw`` under ``$TORCHVISION_ROOT``, ``~/.torch/datasets``, ``./data``;
 and for Fashion-MNIST ``/usr/share/datasets/fashion-mnist`` (Debian's ``dataset-fashion-mnist``).
+
+Few-shot episodes (the ``hyperrep`` and ``imaml`` jobs): :func:`load_pools` splits a dataset's
+classes into a meta-train and a meta-test half (digits, Fashion-MNIST, or Omniglot from a
+local copy in torchvision's layout), :func:`sample_episodes` draws N-way K-shot episodes.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -165,3 +170,110 @@ def write_idx(path: str | os.PathLike[str], array: torch.Tensor) -> None:
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "wb") as f:
         f.write(body)
+
+
+# ----------------------------------------------------------------------------- few-shot episodes
+
+EPISODE_DATASETS = ("digits", "fashion-mnist", "omniglot")
+
+
+class Pools(NamedTuple):
+    """Images (n, c, h, w) float32 and labels, split by class into meta-train and meta-test."""
+
+    X_train: torch.Tensor
+    y_train: torch.Tensor  # labels 0..C_train−1
+    X_test: torch.Tensor
+    y_test: torch.Tensor  # labels 0..C_test−1
+    shape: tuple[int, int]
+    source: str
+
+
+def _by_class(X: torch.Tensor, y: torch.Tensor, classes: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    keep = torch.isin(y, torch.tensor(classes))
+    relabel = {c: i for i, c in enumerate(classes)}
+    return X[keep], torch.tensor([relabel[int(c)] for c in y[keep]], dtype=torch.long)
+
+
+def load_omniglot(data_dir: str | os.PathLike[str] | None, side: int = 28) -> tuple[torch.Tensor, torch.Tensor]:
+    """All images of ``<data_dir>/images_background/<alphabet>/<character>/*.png`` (torchvision's
+    Omniglot layout), grey, resized to ``side``×``side``, strokes = 1; one label per character."""
+    if data_dir is None:
+        raise UserError("--dataset omniglot needs --data-dir DIR holding images_background/<alphabet>/"
+                        "<character>/*.png (torchvision's Omniglot layout); none ships with bilevel")
+    root = Path(data_dir) / "images_background"
+    if not root.is_dir():
+        root = Path(data_dir) / "omniglot-py" / "images_background"  # torchvision's download folder
+    chars = sorted(p for p in root.glob("*/*") if p.is_dir()) if root.is_dir() else []
+    if not chars:
+        raise UserError(f"no Omniglot characters in {Path(data_dir) / 'images_background'} "
+                        "(expected <alphabet>/<character>/*.png): check --data-dir")
+    from PIL import Image
+
+    images, labels = [], []
+    for label, folder in enumerate(chars):
+        for png in sorted(folder.glob("*.png")):
+            with Image.open(png) as im:
+                a = torch.tensor(list(im.convert("L").resize((side, side), Image.BILINEAR).getdata()),
+                                 dtype=torch.float32)
+            images.append(1.0 - a.reshape(side, side) / 255.0)
+            labels.append(label)
+    return torch.stack(images), torch.tensor(labels, dtype=torch.long)
+
+
+def load_pools(dataset: str, data_dir: str | os.PathLike[str] | None, ways: int, need: int) -> Pools:
+    """Meta-train / meta-test pools of ``dataset`` (one of :data:`EPISODE_DATASETS`): the first
+    half of the classes (in sorted order), and the rest.  ``need``: the images an episode
+    takes from one class (shots + queries); a half with fewer than ``ways`` classes, or a
+    class with fewer than ``need`` images, is a one-line :class:`UserError`."""
+    if dataset == "omniglot":
+        X, y = load_omniglot(data_dir)
+        shape, source = (X.shape[1], X.shape[2]), str(data_dir)
+        X = X[:, None]
+    else:
+        imgs = load_images(dataset, data_dir)
+        X = torch.cat([imgs.X_train, imgs.X_test]).reshape(-1, 1, *imgs.shape)
+        y = torch.cat([imgs.y_train, imgs.y_test])
+        shape, source = imgs.shape, imgs.source
+    classes = sorted(int(c) for c in torch.unique(y))
+    half = len(classes) // 2
+    Xtr, ytr = _by_class(X, y, classes[:half])
+    Xte, yte = _by_class(X, y, classes[half:])
+    for name, labels in (("meta-train", ytr), ("meta-test", yte)):
+        counts = torch.bincount(labels)
+        if len(counts) < ways:
+            raise UserError(f"{dataset}: the {name} half has {len(counts)} classes, fewer than --ways {ways}")
+        if int(counts.min()) < need:
+            raise UserError(f"{dataset}: a {name} class has {int(counts.min())} images, fewer than "
+                            f"shots + queries = {need}; lower --queries")
+    return Pools(Xtr, ytr, Xte, yte, shape, source)
+
+
+class Episodes(NamedTuple):
+    """B episodes stacked on dim 0: support (B, N·K, ...) with labels, query (B, N·Q, ...)."""
+
+    xs: torch.Tensor
+    ys: torch.Tensor
+    xq: torch.Tensor
+    yq: torch.Tensor
+
+
+def sample_episodes(gen: torch.Generator, X: torch.Tensor, y: torch.Tensor, n: int, ways: int, shots: int,
+                    queries: int) -> Episodes:
+    """``n`` episodes: ``ways`` classes drawn without replacement, relabelled 0..ways−1;
+    ``shots`` support and ``queries`` query images per class, disjoint."""
+    n_classes = int(y.max()) + 1
+    members = [torch.nonzero(y == c).flatten() for c in range(n_classes)]
+    xs, ys, xq, yq = [], [], [], []
+    for _ in range(n):
+        classes = torch.randperm(n_classes, generator=gen)[:ways]
+        s_idx, q_idx = [], []
+        for c in classes.tolist():
+            pick = members[c][torch.randperm(len(members[c]), generator=gen)[: shots + queries]]
+            s_idx.append(pick[:shots])
+            q_idx.append(pick[shots:])
+        lab = torch.arange(ways)
+        xs.append(X[torch.cat(s_idx)])
+        ys.append(lab.repeat_interleave(shots))
+        xq.append(X[torch.cat(q_idx)])
+        yq.append(lab.repeat_interleave(queries))
+    return Episodes(torch.stack(xs), torch.stack(ys), torch.stack(xq), torch.stack(yq))

@@ -42,11 +42,10 @@ import argparse
 import contextlib
 import dataclasses
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -55,10 +54,11 @@ from torch.func import grad, vmap
 
 import bilevel
 from bilevel.apps import _runs
-from bilevel.apps._data import load_images
+from bilevel.apps._data import EPISODE_DATASETS, Episodes, Pools, load_pools, sample_episodes
+from bilevel.apps._data import load_omniglot as load_omniglot  # re-exported: --dataset omniglot's loader
 
 Named = dict[str, torch.Tensor]
-DATASETS = ("digits", "fashion-mnist", "omniglot")
+DATASETS = EPISODE_DATASETS
 
 
 @dataclass(frozen=True)
@@ -98,105 +98,9 @@ HISTORY_KEYS = ("outer_loss", "query_acc", "log_ridge", "log_scale", "seconds")
 # ----------------------------------------------------------------------------- data
 
 
-class Pools(NamedTuple):
-    """Images (n, c, h, w) float32 and labels, split by class into meta-train and meta-test."""
-
-    X_train: torch.Tensor
-    y_train: torch.Tensor  # labels 0..C_train−1
-    X_test: torch.Tensor
-    y_test: torch.Tensor  # labels 0..C_test−1
-    shape: tuple[int, int]
-    source: str
-
-
-def _by_class(X: torch.Tensor, y: torch.Tensor, classes: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    keep = torch.isin(y, torch.tensor(classes))
-    relabel = {c: i for i, c in enumerate(classes)}
-    return X[keep], torch.tensor([relabel[int(c)] for c in y[keep]], dtype=torch.long)
-
-
-def load_omniglot(data_dir: str | os.PathLike[str] | None, side: int = 28) -> tuple[torch.Tensor, torch.Tensor]:
-    """All images of ``<data_dir>/images_background/<alphabet>/<character>/*.png`` (torchvision's
-    Omniglot layout), grey, resized to ``side``×``side``, strokes = 1; one label per character."""
-    if data_dir is None:
-        raise _runs.UserError("--dataset omniglot needs --data-dir DIR holding images_background/<alphabet>/"
-                              "<character>/*.png (torchvision's Omniglot layout); none ships with bilevel")
-    root = Path(data_dir) / "images_background"
-    if not root.is_dir():
-        root = Path(data_dir) / "omniglot-py" / "images_background"  # torchvision's download folder
-    chars = sorted(p for p in root.glob("*/*") if p.is_dir()) if root.is_dir() else []
-    if not chars:
-        raise _runs.UserError(f"no Omniglot characters in {Path(data_dir) / 'images_background'} "
-                              "(expected <alphabet>/<character>/*.png): check --data-dir")
-    from PIL import Image
-
-    images, labels = [], []
-    for label, folder in enumerate(chars):
-        for png in sorted(folder.glob("*.png")):
-            with Image.open(png) as im:
-                a = torch.tensor(list(im.convert("L").resize((side, side), Image.BILINEAR).getdata()),
-                                 dtype=torch.float32)
-            images.append(1.0 - a.reshape(side, side) / 255.0)
-            labels.append(label)
-    return torch.stack(images), torch.tensor(labels, dtype=torch.long)
-
-
 def load_data(cfg: Config) -> Pools:
     """Meta-train / meta-test pools: the first half of the classes, and the rest."""
-    if cfg.dataset == "omniglot":
-        X, y = load_omniglot(cfg.data_dir)
-        shape, source = (X.shape[1], X.shape[2]), str(cfg.data_dir)
-        X = X[:, None]
-    else:
-        imgs = load_images(cfg.dataset, cfg.data_dir)
-        X = torch.cat([imgs.X_train, imgs.X_test]).reshape(-1, 1, *imgs.shape)
-        y = torch.cat([imgs.y_train, imgs.y_test])
-        shape, source = imgs.shape, imgs.source
-    classes = sorted(int(c) for c in torch.unique(y))
-    half = len(classes) // 2
-    Xtr, ytr = _by_class(X, y, classes[:half])
-    Xte, yte = _by_class(X, y, classes[half:])
-    need = max(cfg.train_shots, *cfg.test_shots) + cfg.queries
-    for name, labels in (("meta-train", ytr), ("meta-test", yte)):
-        counts = torch.bincount(labels)
-        if len(counts) < cfg.ways:
-            raise _runs.UserError(f"{cfg.dataset}: the {name} half has {len(counts)} classes, fewer than "
-                                  f"--ways {cfg.ways}")
-        if int(counts.min()) < need:
-            raise _runs.UserError(f"{cfg.dataset}: a {name} class has {int(counts.min())} images, fewer than "
-                                  f"shots + queries = {need}; lower --queries")
-    return Pools(Xtr, ytr, Xte, yte, shape, source)
-
-
-class Episodes(NamedTuple):
-    """B episodes stacked on dim 0: support (B, N·K, ...) with labels, query (B, N·Q, ...)."""
-
-    xs: torch.Tensor
-    ys: torch.Tensor
-    xq: torch.Tensor
-    yq: torch.Tensor
-
-
-def sample_episodes(gen: torch.Generator, X: torch.Tensor, y: torch.Tensor, n: int, ways: int, shots: int,
-                    queries: int) -> Episodes:
-    """``n`` episodes: ``ways`` classes drawn without replacement, relabelled 0..ways−1;
-    ``shots`` support and ``queries`` query images per class, disjoint."""
-    n_classes = int(y.max()) + 1
-    members = [torch.nonzero(y == c).flatten() for c in range(n_classes)]
-    xs, ys, xq, yq = [], [], [], []
-    for _ in range(n):
-        classes = torch.randperm(n_classes, generator=gen)[:ways]
-        s_idx, q_idx = [], []
-        for c in classes.tolist():
-            pick = members[c][torch.randperm(len(members[c]), generator=gen)[: shots + queries]]
-            s_idx.append(pick[:shots])
-            q_idx.append(pick[shots:])
-        lab = torch.arange(ways)
-        xs.append(X[torch.cat(s_idx)])
-        ys.append(lab.repeat_interleave(shots))
-        xq.append(X[torch.cat(q_idx)])
-        yq.append(lab.repeat_interleave(queries))
-    return Episodes(torch.stack(xs), torch.stack(ys), torch.stack(xq), torch.stack(yq))
+    return load_pools(cfg.dataset, cfg.data_dir, cfg.ways, max(cfg.train_shots, *cfg.test_shots) + cfg.queries)
 
 
 # ----------------------------------------------------------------------------- model
