@@ -1,15 +1,24 @@
 """Automatic budgets: a hypergradient within a requested accuracy, inner iterations included.
 
 :func:`hypergrad_within` runs the inner iteration ``w ← inner_step(w, λ)`` and
-:func:`bilevel.hypergrad` (``tol=``) together.  After each chunk of inner steps the
-a-posteriori estimate (:mod:`bilevel.error`) splits the hypergradient error into its inner
-and linear-system parts; the linear part is met by ``hypergrad(tol=)``, and the inner part
-decides how many more inner steps to run: the inner error shrinks at a rate ``ρ`` per
-step (the decay of the estimated inner error over the last chunk, when it decreased;
-else, as after the first chunk, from the chunk's first and last step lengths
-``‖w_{t+1} − w_t‖``), so
-``log(inner/target)/log(1/ρ)`` more steps are expected to suffice.  Warm-startable across
-outer steps: pass the returned ``params`` and ``info.v`` back in (``init=``).
+:func:`bilevel.hypergrad` (``tol=``) together, paying for as few a-posteriori estimates
+(:mod:`bilevel.error`, 13–31 products each) as it can:
+
+1. a first chunk of inner steps, then a *probe*: a short linear solve (at most
+   :data:`_PROBE_ITERATIONS` iterations) and one estimate, which splits the error into its
+   inner and linear-system parts;
+2. *calibration*: once one mode dominates a linearly convergent iteration, the inner error
+   and the step length ``s_t = ‖w_{t+1} − w_t‖`` both shrink like ``‖w_t − w*‖``, so their
+   ratio ``k = inner / s_t`` stays put.  Inner steps run until ``k·s_t`` is at most the
+   inner part's share of ``tol`` (half of it), judged from the step lengths alone (free: no
+   estimate), in chunks sized from the measured decay of ``s_t``;
+3. a final :func:`bilevel.hypergrad` with ``tol=`` (the linear part to what is left of
+   ``tol``, warm-started from the probe's ``v``), whose estimate checks the whole; if the
+   inner part is still above its share (the ratio drifted), ``k`` is re-measured and step 2
+   resumes.
+
+Warm-startable across outer steps: pass the returned ``params`` and ``info.v`` back in
+(``init=``).
 """
 
 from __future__ import annotations
@@ -40,6 +49,10 @@ __all__ = ["hypergrad_within"]
 Leaves = list[torch.Tensor]
 
 _FIRST_INNER_CHUNK = 10
+# the probe's linear solve: enough for v to be a few digits right (the inner part of the
+# estimate depends on v to first order), not the full solve that only the final point needs
+_PROBE_ITERATIONS = 8
+_RATE_WINDOW = 20  # step lengths the decay rate is measured over
 
 
 def iterate(step: Callable[[Any, Any], Any], w: Any, hparams: Any, n: int, what: str, fix: str) -> tuple[Any, Leaves]:
@@ -58,14 +71,27 @@ def iterate(step: Callable[[Any, Any], Any], w: Any, hparams: Any, n: int, what:
     return w, norms
 
 
-def _inner_steps(inner_step: Callable[[Any, Any], Any], w: Any, hparams: Any, n: int) -> tuple[Any, torch.Tensor]:
-    """``n`` inner steps; returns the iterate and the per-step contraction ``ρ`` measured from
-    the first and last step lengths (NaN when ``n < 2``)."""
-    w, norms = iterate(inner_step, w, hparams, n, "hypergrad_within: the inner iterations",
-                       "inner_step should contract near the solution (a gradient step needs a step size < 2/L).")
-    if n < 2:
-        return w, torch.tensor(math.nan)
-    return w, (norms[-1] / norms[0]).clamp(min=1e-300) ** (1.0 / (n - 1))
+def _inner_steps(inner_step: Callable[[Any, Any], Any], w: Any, hparams: Any, n: int) -> tuple[Any, Leaves]:
+    return iterate(inner_step, w, hparams, n, "hypergrad_within: the inner iterations",
+                   "inner_step should contract near the solution (a gradient step needs a step size < 2/L).")
+
+
+def _steps_needed(k: torch.Tensor, norms: Leaves, target: float) -> int:
+    """Inner steps until the predicted inner error ``k·s_t`` reaches ``target`` (0: already
+    there), from the decay of the last step lengths (per vmap row; the most any row needs)."""
+    pred = k * norms[-1]
+    if worst(pred) <= target:
+        return 0
+    m = min(len(norms) - 1, _RATE_WINDOW)
+    if m < 1:
+        return 1
+    rate = (norms[-1].clamp(min=1e-300) / norms[-1 - m].clamp(min=1e-300)) ** (1.0 / m)
+    need = torch.log(pred / target) / -torch.log(rate)
+    need = torch.where((pred <= target) | (rate >= 1) | ~torch.isfinite(need), torch.full_like(need, -1.0), need)
+    n = worst(need)
+    if n < 0 and worst(pred) > target:  # no decay measured yet in some row: as many steps again
+        return m
+    return max(1, math.ceil(n))
 
 
 def hypergrad_within(
@@ -105,16 +131,22 @@ def hypergrad_within(
             raise ValueError("hypergrad_within needs inner_step= (one step of the inner iteration, e.g. "
                              "lambda w, lam: w - eta * grad_w inner_loss(w, lam)) when no fixed_point= is given.")
         inner_step = fixed_point
-    w, used, chunk, linear_its = params, 0, min(_FIRST_INNER_CHUNK, max_inner), 0
-    v, products, prev_inner = init, 0, None
     target = 0.5 * tol  # the inner part's share of tol; the linear part gets the rest
+    chunk = min(_FIRST_INNER_CHUNK, max_inner)
+    w, norms = _inner_steps(inner_step, params, hparams, chunk)
+    used, linear_its, products, v = chunk, 0, 0, init
+    mode, rel = ("probe" if hasattr(solver, "maxiter") else "full"), 0.0
     while True:
-        w, rate = _inner_steps(inner_step, w, hparams, chunk)
-        used += chunk
+        if mode == "probe":  # a short solve: enough for the estimate to split the error
+            slv, kw = replace(solver, maxiter=min(solver.maxiter, _PROBE_ITERATIONS)), {"tol": tol}
+        elif mode == "sized":  # the residual the calibration asks for, and one estimate to check it
+            slv, kw = replace(solver, tol=rel), {"estimate": True}
+        else:  # hypergrad(tol=): chunks of iterations, each judged by an estimate
+            slv, kw = solver, {"tol": tol}
         with warnings.catch_warnings():  # judged once, below, for the final answer
             warnings.simplefilter("ignore", ConvergenceWarning)
             hg, info = hypergrad(outer_loss, w, hparams, inner_loss=inner_loss, fixed_point=fixed_point,
-                                 solver=solver, init=v, tol=tol, return_info=True, inner_tol=math.inf)
+                                 solver=slv, init=v, return_info=True, inner_tol=math.inf, **kw)
         v = info.v
         linear_its += info.iterations
         err = info.error
@@ -122,20 +154,28 @@ def hypergrad_within(
         total, inner = worst(torch.as_tensor(err.total)), worst(torch.as_tensor(err.inner))
         if total <= tol or used >= max_inner or not math.isfinite(total):
             break
-        r = worst(rate)
-        if prev_inner is not None and 0 < inner < prev_inner:
-            # the rate of the estimated inner error itself over the last chunk: step-length
-            # ratios over a short chunk see the fast modes and promise too much
-            r = (inner / prev_inner) ** (1.0 / chunk)
-        prev_inner = inner
-        if inner <= target:  # only the linear part is short: hypergrad(tol=) hit maxiter
+        if inner <= target:
+            if mode != "full":  # only the linear part is short: hypergrad(tol=) at this point
+                mode = "full"
+                continue
+            break  # hypergrad(tol=) hit the solver's maxiter: warned below
+        s = norms[-1]
+        if not worst(s) > 0:  # at a fixed point already: more inner steps change nothing
             break
-        if math.isfinite(r) and 0 < r < 1:
-            need = math.log(inner / target) / -math.log(r)
-            chunk = max(1, math.ceil(1.2 * need))
-        else:
-            chunk = 2 * chunk
-        chunk = min(chunk, max_inner - used)
+        # calibrate: the inner error per unit of step length (both ∝ ‖w − w*‖ in the linear regime)
+        k = torch.as_tensor(err.inner, dtype=s.dtype, device=s.device) / s
+        while used < max_inner:
+            n = min(_steps_needed(k, norms, target), max_inner - used)
+            if n == 0:
+                break
+            w, more = _inner_steps(inner_step, w, hparams, n)
+            norms, used = norms[-_RATE_WINDOW:] + more, used + n
+        # the linear part is ∝ the relative residual: ask the solver for the residual that
+        # brings it to half of what the predicted inner part leaves of tol
+        res, linear = worst(torch.as_tensor(info.residual)), worst(torch.as_tensor(err.linear))
+        left = tol - min(worst(k * norms[-1]), target)
+        mode = "sized" if hasattr(solver, "tol") and res > 0 and linear > 0 else "full"
+        rel = min(res * 0.5 * left / linear, 0.5) if mode == "sized" else 0.0
     err = replace(err, products=products)
     info = replace(info, iterations=linear_its, inner_iterations=used, error=err)
     warn_error_above("hypergrad_within", err, tol, linear_its,
