@@ -32,6 +32,7 @@ from bilevel.nonsmooth import (
 )
 from bilevel.outer import AIDBilevel, Box, ITDBilevel, OuterInfo, OuterState, StochasticBilevel
 from bilevel.prox import ProximalGradient, proximal_gradient
+from bilevel.reference import hypergrad_error
 from bilevel.stochastic import (
     BatchStream,
     ConstantStep,
@@ -49,6 +50,7 @@ __all__ = [
     "hypergrad",
     "HypergradInfo",
     "hypergrad_within",
+    "hypergrad_error",
     "ErrorEstimate",
     "unroll",
     "forward_hypergrad",

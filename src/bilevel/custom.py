@@ -49,6 +49,7 @@ from bilevel._checks import (
     scalar,
     values,
 )
+from bilevel.error import AIDError, ErrorEstimate
 from bilevel.ift import ImplicitOperator, check_symmetric, implicit_operator
 from bilevel.linear_solve import (
     CG,
@@ -74,8 +75,12 @@ class ImplicitInfo:
     ``iterations``, ``residual`` (relative, ``‖u − (∂_w F)ᵀ v‖/‖u‖``) and ``converged``: of
     the linear solve ``(∂_w F)ᵀ v = u``.  ``inner_residual``: ``‖F(params_star, λ)‖``, i.e.
     ``‖∇_w g‖``, ``‖Φ(w, λ) − w‖`` or ``‖root‖`` — how far the solver's output is from
-    satisfying the optimality condition the gradient assumes.  Under ``vmap`` the float
-    and bool fields are batched tensors.
+    satisfying the optimality condition the gradient assumes.  With ``estimate=True``:
+    ``error_estimate`` estimates an upper bound on ``‖v̂ᵀ∂_θ F − u ᵀ dw*/dθ‖``, the error of
+    the vector–Jacobian product for the cotangent ``u`` given (inner and linear-system parts,
+    :mod:`bilevel.error`), ``contraction`` and ``error`` as in
+    :class:`~bilevel.HypergradInfo`; else ``None``.  Under ``vmap`` the float and bool
+    fields are batched tensors.
     """
 
     solver: str
@@ -83,6 +88,9 @@ class ImplicitInfo:
     residual: float | torch.Tensor
     converged: bool | torch.Tensor
     inner_residual: float | torch.Tensor
+    error_estimate: float | torch.Tensor | None = None
+    contraction: float | torch.Tensor | None = None
+    error: ErrorEstimate | None = None
 
 
 @dataclass(frozen=True)
@@ -95,6 +103,7 @@ class _Plan:
     solver: Solver
     inner_tol: float | None
     on_backward: Callable[[ImplicitInfo], Any] | None
+    estimate: bool
     has_aux: bool
     wspec: Any
     lspec: Any
@@ -219,8 +228,14 @@ class _Implicit(torch.autograd.Function):
         check_finite(v, f"the linear-system solution v ({sinfo.solver}, {sinfo.iterations} iterations)")
         grads = op.cross(v)
         check_finite(grads, "the implicit gradient")
+        err = None
+        if plan.estimate:  # the VJP's error for this cotangent: u is fixed, so ∇_λ f ≡ 0 and ∇_w f ≡ u
+            zeros = T.zeros_like(grads)
+            err = AIDError(op, lambda w2: _operator(plan, lam, targs, w2)[0], lambda w2: (cot, zeros), w, cot,
+                           zeros, plan.form == "inner_loss", root=plan.form == "root")(v, grads)
         info = ImplicitInfo(sinfo.solver, sinfo.iterations, sinfo.residual, sinfo.converged,
-                            item(op.inner_residual))
+                            item(op.inner_residual), None if err is None else err.total,
+                            None if err is None else err.contraction, err)
         _warn_if_inaccurate(plan, sinfo, op, w, "implicit backward")
         if plan.on_backward is not None:
             plan.on_backward(info)
@@ -305,6 +320,7 @@ def implicit(
     has_aux: bool = False,
     inner_tol: float | None = None,
     on_backward: Callable[[ImplicitInfo], Any] | None = None,
+    estimate: bool = False,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorate ``inner_solver(params0, hparams, *args, **kwargs) -> params_star`` with its implicit derivatives.
 
@@ -353,8 +369,9 @@ def implicit(
     if set, else a relative residual (``‖∇_w g‖/‖H w‖``, ``‖Φ(w) − w‖/‖w‖``) above 0.05
     (``inner_tol=math.inf`` silences it); under ``vmap`` when any task of the batch does.
     ``on_backward(info)`` receives an :class:`ImplicitInfo` after each backward (not after
-    forward-mode solves).  NaN/Inf in ``hparams``, in the solver's
-    output or in a derivative raise.
+    forward-mode solves); with ``estimate=True`` it carries an a-posteriori estimate of the
+    backward's error (13–31 extra products per backward; :mod:`bilevel.error`).  NaN/Inf in
+    ``hparams``, in the solver's output or in a derivative raise.
     """
     forms = {"inner_loss": inner_loss, "fixed_point": fixed_point, "root": root}
     given = [k for k, fn in forms.items() if fn is not None]
@@ -373,6 +390,11 @@ def implicit(
     marked_args = _check_diff_args(diff_args)
     if not isinstance(has_aux, bool):
         raise TypeError(f"implicit: has_aux should be True or False, not {has_aux!r}.")
+    if not isinstance(estimate, bool):
+        raise TypeError(f"implicit: estimate should be True or False, not {estimate!r}.")
+    if estimate and on_backward is None:
+        raise ValueError("implicit(estimate=True): the estimate is delivered on the ImplicitInfo passed to "
+                         "on_backward=; give on_backward (e.g. infos.append).")
     if inner_tol is not None and inner_tol != math.inf:  # inf: no inner-residual warning at all
         check_tol("implicit: inner_tol", inner_tol)
 
@@ -385,7 +407,7 @@ def implicit(
             (w0, wspec), (lam, lspec) = leaves_pair(params0, hparams, "params0")
             check_input_finite(lam, "hparams")
             targs, static, marked, names, specs = _split_args(args, kwargs, marked_args)
-            plan = _Plan(inner_solver, form, condition, solver, inner_tol, on_backward, has_aux,
+            plan = _Plan(inner_solver, form, condition, solver, inner_tol, on_backward, estimate, has_aux,
                          wspec, lspec, len(w0), len(lam), specs, static, marked, names)
             out = _Implicit.apply(plan, *w0, *lam, *targs)
             params_star = T.tree_unflatten(list(out[: len(w0)]), wspec)

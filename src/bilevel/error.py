@@ -247,6 +247,9 @@ def _nanmax(*xs: torch.Tensor) -> torch.Tensor:
 class AIDError:
     """The estimate of the module docstring for AID hypergradients at one point ``w``.
 
+    ``optimality``: ``A = H`` (symmetric); else ``A = (I − ∂_wΦ)ᵀ``, or ``A = (∂_w F)ᵀ`` with
+    ``root=True`` (then ``contraction`` is NaN).
+
     ``op``: the :class:`~bilevel.ift.ImplicitOperator` at ``w``; ``op_at(w')`` builds it at
     another point; ``outer_grads(w') = (∇_w f, ∇_λ f)`` at ``w'``; ``b = ∇_w f(w)`` and
     ``gl = ∇_λ f(w)``.  The inner part (Krylov step toward ``w*`` and the operator at
@@ -257,21 +260,23 @@ class AIDError:
     def __init__(self, op: Any, op_at: Callable[[Leaves], Any],
                  outer_grads: Callable[[Leaves], tuple[Leaves, Leaves]], w: Leaves, b: Leaves, gl: Leaves,
                  optimality: bool, steps: int = 2,
-                 max_steps: int = 8):
+                 max_steps: int = 8, root: bool = False):
         self.op, self.op_at, self.outer_grads = op, op_at, outer_grads
         self.w, self.b, self.gl, self.optimality, self.steps = w, b, gl, optimality, steps
-        self.max_steps = max_steps
+        self.max_steps, self.root = max_steps, root
         self._inner: tuple[Any, ...] | None = None
         self.products = 0
 
     def _inner_part(self) -> tuple[Any, ...]:
         if self._inner is None:
             op = self.op
-            # the inner system: H e = −∇g, or (I − ∂_wΦ) e = Φ(w) − w; e ≈ w* − w to first order
+            # the inner system: H e = −∇g, (I − ∂_wΦ) e = Φ(w) − w or (∂_w F) e = −F (a Newton
+            # step); e ≈ w* − w to first order
             if self.optimality:
                 inner = krylov_inverse(op.matvec, [-t for t in op.inner_vector], self.steps, True, self.max_steps)
             else:
-                inner = krylov_inverse(op.rmatvec, list(op.inner_vector), self.steps, False, self.max_steps)
+                s = [-t for t in op.inner_vector] if self.root else list(op.inner_vector)
+                inner = krylov_inverse(op.rmatvec, s, self.steps, False, self.max_steps)
             w2 = T.add(self.w, inner.y)
             op2 = self.op_at(w2)
             gw2, gl2 = self.outer_grads(w2)
@@ -323,7 +328,12 @@ class AIDError:
         inner_err = (T.norm(T.add(d_lam, cross_shift)) + c_norm2 * _div(shift.residual, s_min)) * grow
         inner_err = torch.where((e_norm == 0) & (inner_tail > 0), torch.full_like(inner_err, float("inf")),
                                 inner_err)
-        contraction = 1 - _div(s_min, s_max) if optimality else _nanmax(inner.rate_max, lin.rate_max)
+        if optimality:
+            contraction = 1 - _div(s_min, s_max)
+        elif self.root:  # ∂_w F of a root condition is no I − ∂_wΦ: there is no contraction to report
+            contraction = torch.full_like(s_min, float("nan"))
+        else:
+            contraction = _nanmax(inner.rate_max, lin.rate_max)
         self.products += lin.steps + shift.steps + 5  # A v for r, cross(y), and at w': A v, cross v, cross
         inner_err, linear = MARGIN * inner_err, MARGIN * linear
         return ErrorEstimate(
