@@ -27,7 +27,7 @@ a ReLU network is indefinite away from a minimiser (λ = 10 fails at T = 4, λ �
 
 Time: median of ``--repeats`` meta-steps after a warm-up, float32 (each library at the
 same thread count), wall and process CPU time (the steadier one on a shared machine).
-Peak memory: each (family, method) once more in a forked process,
+Peak memory: each (family, method) once more in a new (spawned) process,
 peak RSS above the baseline as in ``memory.py`` (glibc mmap threshold fixed, clear_refs,
 VmHWM), or ``torch.cuda.max_memory_allocated`` with ``--device cuda``.  Agreement: every
 method's meta-gradient in float64 against the hand-written one of its family (target
@@ -67,6 +67,7 @@ FAMILIES = ("iMAML", "MAML")
 AGREE_TOL = 1e-6  # float64 meta-gradients vs the hand-written one
 TIME_TARGET_HAND = 1.05
 TIME_TARGET_PEER = 0.2
+CHILD_TIMEOUT_S = 300  # a peak-memory process that has not answered by then is reported, not waited for
 
 
 # --------------------------------------------------------------------------- problem
@@ -324,15 +325,20 @@ def peak_memory(family: str, name: str, args: argparse.Namespace) -> dict[str, A
         fn(s)
         torch.cuda.synchronize()
         return {"peak_bytes": torch.cuda.max_memory_allocated() - base, "how": "cuda max_memory_allocated"}
-    ctx = mp.get_context("fork")
+    # spawn, not fork: the parent has already run MKL/OpenMP kernels (torch.sin in make_tasks
+    # threads through libgomp), and a forked child that calls them again waits forever on the
+    # parent's dead thread team
+    ctx = mp.get_context("spawn")
     recv, send = ctx.Pipe(duplex=False)
     proc = ctx.Process(target=_peak_child, args=(family, name, args, send))
     proc.start()
     send.close()
     try:
-        out = recv.recv()
+        out = recv.recv() if recv.poll(CHILD_TIMEOUT_S) else {"peak_bytes": None, "how": "no answer (timed out)"}
     except EOFError:
         out = {"peak_bytes": None, "how": "the measuring process died"}
+    if proc.is_alive():
+        proc.terminate()
     proc.join()
     return out
 

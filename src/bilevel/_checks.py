@@ -255,8 +255,21 @@ def check_shaped_like(out: Leaves, ospec: Any, w: Leaves, wspec: Any, what: str,
 
 
 def all_finite(leaves_: Sequence[torch.Tensor]) -> bool:
-    """Every entry of every leaf finite, every vmap row included."""
-    return all(bool(torch.isfinite(values(t)).all()) for t in leaves_)
+    """Every entry of every leaf finite, every vmap row included.
+
+    Read from each leaf's minimum and maximum (a NaN reaches both, an Inf one of them): one
+    reduction per leaf with no full-size temporary, and one host read for all the leaves."""
+    ends: list[torch.Tensor] = []
+    for t in leaves_:
+        v = values(t).detach()
+        if v.numel() == 0 or not (v.is_floating_point() or v.is_complex()):
+            continue  # nothing to read, or integers: always finite
+        ends.extend(torch.aminmax(torch.view_as_real(v) if v.is_complex() else v))
+    if not ends:
+        return True
+    if len({e.device for e in ends}) > 1:  # leaves on several devices: one read per leaf
+        return all(bool(torch.isfinite(e)) for e in ends)
+    return bool(torch.isfinite(torch.stack(ends)).all())
 
 
 def check_input_finite(leaves_: Sequence[torch.Tensor], name: str) -> None:
@@ -311,7 +324,10 @@ def leaf_paths(spec: Any) -> list[str]:
 
 def check_reached(hg: Leaves, lspec: Any, find_unused: Callable[[], list[int]]) -> None:
     """Raise if an all-zero hypergradient leaf comes from an hparam that reaches nothing."""
-    zero = [i for i, t in enumerate(hg) if not bool(values(t).any())]
+    nonzero = [values(t).detach().any() for t in hg]
+    if len({t.device for t in nonzero}) == 1:  # one host read for all the leaves
+        nonzero = torch.stack(nonzero).tolist()
+    zero = [i for i, nz in enumerate(nonzero) if not bool(nz)]
     if not zero:
         return
     unused = [i for i in find_unused() if i in zero]

@@ -165,15 +165,9 @@ def implicit_operator(
             gw_d = [t.detach() for t in gw]
             return ImplicitOperator(hvp_ag, hvp_ag, lambda v: [-t for t in _grads(gw, lr, v)], True, T.norm(gw_d), gw_d)
 
-        grad_w = grad(scalar_g)
-        gw, hvp = vjp(lambda wl: grad_w(wl, lam), w)
-        matvec = _first(hvp)
-
-        def cross(v: Leaves) -> Leaves:
-            _, mixed = vjp(lambda ll: grad_w(w, ll), lam)
-            return [-t for t in mixed(v)[0]]
-
-        return ImplicitOperator(matvec, matvec, cross, True, T.norm(gw), [t.detach() for t in gw])
+        # one trace of ∇_w g: the Hessian–vector products pull back to w, the λ-part to λ
+        gw, hvp, mixed = _traced_vjp(grad(scalar_g), w, lam)
+        return ImplicitOperator(hvp, hvp, lambda v: [-t for t in mixed(v)], True, T.norm(gw), [t.detach() for t in gw])
 
     name = "fixed_point" if root is None else "root"
     phi = _tree_fn(fixed_point if root is None else root, wspec, lspec)  # type: ignore[arg-type]
@@ -190,13 +184,8 @@ def implicit_operator(
         out = [t.detach() for t in phi_graph]
         jt1 = lambda v: _grads(phi_graph, wr, v)  # noqa: E731
         dl_of = lambda v: _grads(phi_graph, lr, v)  # noqa: E731
-    else:
-        out, jt = vjp(lambda wl: phi_leaves(wl, lam), w)
-        jt1 = _first(jt)
-
-        def dl_of(v: Leaves) -> Leaves:
-            _, dl = vjp(lambda ll: phi_leaves(w, ll), lam)
-            return list(dl(v)[0])
+    else:  # one trace of Φ (or F) under torch.func: vjps to w and to λ from it
+        out, jt1, dl_of = _traced_vjp(phi_leaves, w, lam)
     if root is not None:  # A = (∂_w F)ᵀ directly: no I − (I − ·) round trip, no cancellation
 
         def root_rmatvec(u: Leaves) -> Leaves:  # (∂_w F) u, forward mode
@@ -249,8 +238,35 @@ def _grads(outputs: Leaves, inputs: Leaves, cotangents: Leaves | None = None, cr
     return [torch.zeros_like(x) if gi is None else gi for gi, x in zip(got, inputs)]
 
 
-def _first(fn: Callable[[Leaves], tuple[Leaves, ...]]) -> Callable[[Leaves], Leaves]:
-    return lambda v: list(fn(v)[0])
+def _traced_vjp(
+    fn: Callable[[Leaves, Leaves], Leaves], w: Leaves, lam: Leaves
+) -> tuple[Leaves, Callable[[Leaves], Leaves], Callable[[Leaves], Leaves]]:
+    """``fn(w, λ)`` (leaves to leaves) traced once by ``torch.func.vjp``, with two pullbacks
+    from that one trace: ``u ↦ (∂_w fn)ᵀ u`` and ``u ↦ (∂_λ fn)ᵀ u``.
+
+    The closure that ``vjp`` returns always pulls back to every primal: as a product with
+    ``∂_w`` alone it would also pay the whole path to ``λ`` (back through a feature network,
+    say) at every solver iteration, and a second ``vjp`` for the λ-part traces ``fn`` again.
+    So the trace's own differentiable primals and outputs are kept, and each pullback asks
+    autograd for just the inputs it needs — the call ``vjp``'s closure makes itself, after
+    its transform level has exited (``create_graph`` when grad mode is on: differentiable
+    under an outer ``torch.func.grad`` / ``create_graph=True``, as that closure is)."""
+    trace: list[tuple[Leaves, Leaves, Leaves]] = []
+
+    def traced(wl: Leaves, ll: Leaves) -> Leaves:
+        out = fn(wl, ll)
+        trace.append((list(wl), list(ll), list(out)))
+        return out
+
+    value, pullback = vjp(traced, w, lam)
+    if len(trace) != 1:  # pragma: no cover - a torch.func that traces differently: its closure, twice
+        return list(value), lambda u: list(pullback(u)[0]), lambda u: list(pullback(u)[1])
+    wl, ll, outs = trace[0]
+
+    def pull(inputs: Leaves, u: Leaves) -> Leaves:
+        return _grads(outs, inputs, list(u), create_graph=torch.is_grad_enabled())
+
+    return list(value), partial(pull, wl), partial(pull, ll)
 
 
 def _probe(like: Leaves, phase: float) -> Leaves:
@@ -443,9 +459,9 @@ def _hypergrad(outer_loss, w, lam, wspec, lspec, inner_loss, fixed_point, solver
 
     def solve_once(slv: Solver, start: Leaves | None) -> tuple[Leaves, Any, Leaves, list]:
         lanczos: list = []
-        v, sinfo = solve_leaves(op.matvec, gw, slv, start, op.rmatvec if isinstance(slv, NormalCG) else None, pc,
-                                lanczos if pc is None else None)
-        check_finite(v, f"the linear-system solution v ({sinfo.solver}, {sinfo.iterations} iterations)")
+        # CG's Lanczos coefficients cost ~10 scalar ops per iteration (under vmap, as many dispatches): only
+        # for the estimate.  v is checked finite in the solve
+        v, sinfo = _solve(op, gw, slv, start, pc, lanczos if pc is None and estimate else None)
         return v, sinfo, op.cross(v), lanczos
 
     err = None
@@ -465,6 +481,33 @@ def _hypergrad(outer_loss, w, lam, wspec, lspec, inner_loss, fixed_point, solver
     check_finite(hg, "the hypergradient")
     check_reached(hg, lspec, lambda: _unused_hparams(f, inner_loss, fixed_point, w, lam, wspec, lspec))
     return hg, v, sinfo, op, fval, err
+
+
+def _solve(op: ImplicitOperator, b: Leaves, solver: Solver, x0: Leaves | None, pc: Callable[[Leaves], Leaves] | None,
+           lanczos: list | None) -> tuple[Leaves, Any]:
+    """``solve_leaves`` on ``A v = b``; under a torch.func transform, on one flat vector.
+
+    There every tensor op pays a batching-rule dispatch, and a Krylov iteration's vector
+    updates and inner products are one op per leaf: on the concatenated leaves they are one
+    op each, for a concatenation and a split per product.  Same iterates up to the order of
+    the sums in the inner products."""
+    rmatvec = op.rmatvec if isinstance(solver, NormalCG) else None
+    if no_transform() or len(b) == 1:
+        return solve_leaves(op.matvec, b, solver, x0, rmatvec, pc, lanczos)
+    sizes, shapes = [t.numel() for t in b], [t.shape for t in b]
+
+    def flat(leaves: Leaves) -> Leaves:
+        return [torch.cat([t.flatten() for t in leaves])]
+
+    def unflat(x: Leaves) -> Leaves:  # 1-d leaves need no reshape (under vmap each is a dispatch)
+        return [t if len(shape) == 1 else t.reshape(shape) for t, shape in zip(x[0].split_with_sizes(sizes), shapes)]
+
+    def on_flat(fn: Callable[[Leaves], Leaves] | None) -> Callable[[Leaves], Leaves] | None:
+        return None if fn is None else lambda x: flat(fn(unflat(x)))
+
+    x, sinfo = solve_leaves(on_flat(op.matvec), flat(b), solver, None if x0 is None else flat(x0),  # type: ignore[arg-type]
+                            on_flat(rmatvec), on_flat(pc), lanczos)
+    return unflat(x), sinfo
 
 
 # first chunk of linear-solver iterations under tol=; later chunks are sized from the estimate
