@@ -105,7 +105,7 @@ def test_implicit_backward_estimate_on_random_instances(one_thread):
     linear solve, against the exact one (a dense solve at w*)."""
     pairs = []
     for fam in (*SMOOTH, "lasso"):
-        for seed in range(5):
+        for seed in range(10):
             for kappa in KAPPAS:
                 inst = FAMILIES[fam](seed * 7 + int(round(3 * math.log10(kappa))), kappa)
                 w, K, _ = truncated(inst, 1000 * seed + int(kappa))
@@ -121,7 +121,7 @@ def test_implicit_backward_estimate_on_random_instances(one_thread):
                 pairs.append((true, float(info.error_estimate)))
     above, within = _rates(pairs)
     print(f"\nimplicit backward: {len(pairs)} instances, estimate >= true in {above:.1%}, <= 10x in {within:.1%}")
-    assert len(pairs) >= 80
+    assert len(pairs) >= 150
     assert above >= 0.95 and within >= 0.80
 
 

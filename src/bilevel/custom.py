@@ -224,7 +224,8 @@ class _Implicit(torch.autograd.Function):
         cot = [torch.zeros_like(x) if c is None else c for c, x in zip(cotangent[: plan.n_w], w, strict=True)]
         op, _, marked, _ = _operator(plan, lam, targs, w)
         rmatvec = op.rmatvec if isinstance(plan.solver, NormalCG) else None
-        v, sinfo = solve_leaves(op.matvec, cot, plan.solver, None, rmatvec)
+        lanczos: list = []  # CG's coefficients: Ritz values for the estimate, free
+        v, sinfo = solve_leaves(op.matvec, cot, plan.solver, None, rmatvec, None, lanczos if plan.estimate else None)
         check_finite(v, f"the linear-system solution v ({sinfo.solver}, {sinfo.iterations} iterations)")
         grads = op.cross(v)
         check_finite(grads, "the implicit gradient")
@@ -232,7 +233,7 @@ class _Implicit(torch.autograd.Function):
         if plan.estimate:  # the VJP's error for this cotangent: u is fixed, so ∇_λ f ≡ 0 and ∇_w f ≡ u
             zeros = T.zeros_like(grads)
             err = AIDError(op, lambda w2: _operator(plan, lam, targs, w2)[0], lambda w2: (cot, zeros), w, cot,
-                           zeros, plan.form == "inner_loss", root=plan.form == "root")(v, grads)
+                           zeros, plan.form == "inner_loss", root=plan.form == "root")(v, grads, lanczos)
         info = ImplicitInfo(sinfo.solver, sinfo.iterations, sinfo.residual, sinfo.converged,
                             item(op.inner_residual), None if err is None else err.total,
                             None if err is None else err.contraction, err)

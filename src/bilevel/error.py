@@ -14,7 +14,8 @@ solve at ``w``; ``∇F(λ) = G(w*)``.  The returned ``ĝ = ∇_λ f + cross(v̂)
 (Grazzi, Franceschi, Pontil, Salzo, ICML 2020, Thm. 1 bounds both for a q-contraction Φ).
 
 **Krylov estimates of A⁻¹z.**  Arnoldi (Lanczos when ``A`` is symmetric) on ``A y = z``
-from ``z``: 2 steps, and up to 8 while the unsolved part still exceeds half the solved one,
+from ``z``: 2 steps, and up to 8 while the unsolved part still exceeds half the solved one
+or the smallest Ritz value is still falling (by more than 10% in the last step),
 give the minimal-residual ``y_m`` in the Krylov space, the exact remaining residual
 ``r_m``, and Ritz values of ``A``; then ``‖A⁻¹z − y_m‖ ≤ ‖r_m‖/s_min`` with ``s_min`` the
 smallest Ritz modulus seen (all runs, and CG's own Lanczos tridiagonal when the solver is
@@ -196,7 +197,7 @@ def krylov_inverse(apply: Callable[[Leaves], Leaves], z: Leaves, steps: int, sym
     beta = T.norm(z)
     basis = [T.scale(_inv(beta), z)]
     cols: list[list[torch.Tensor]] = []
-    m = 0
+    m, prev = 0, None
     while True:
         w = apply(basis[-1])
         col = []
@@ -213,15 +214,20 @@ def krylov_inverse(apply: Callable[[Leaves], Leaves], z: Leaves, steps: int, sym
         cols.append(col)
         basis.append(T.scale(_inv(hn), w))
         m += 1
-        if m < steps:
-            continue
         hess = torch.stack([torch.stack(c + [torch.zeros_like(beta)] * (m + 1 - len(c))) for c in cols], 1)
         alive = torch.stack([beta] + [c[-1] for c in cols[: m - 1]]) > 0  # the norms basis[i] was scaled by
-        eig, coef, res, finite = _analyse(hess, beta, alive, symmetric)
+        eig, coef, res, finite = _analyse(hess, beta, alive, symmetric)  # m×m: no product
+        smallest = eig.abs().min()
+        # the tail bound trusts the smallest Ritz value: only once it has settled (it falls
+        # toward λ_min as the space grows, fastest while the space is still meeting new modes)
+        settled = smallest >= 0.9 * prev if prev is not None else torch.zeros_like(smallest, dtype=torch.bool)
+        prev = smallest
+        if m < steps:
+            continue
         if m >= max_steps:
             break
-        tail = _div(res, eig.abs().min())
-        if bool(values((tail <= 0.5 * torch.linalg.vector_norm(coef)) | ~(beta > 0)).all()):
+        tail = _div(res, smallest)
+        if bool(values(((tail <= 0.5 * torch.linalg.vector_norm(coef)) & settled) | ~(beta > 0)).all()):
             break
     y = T.zeros_like(z)
     for i in range(m):
