@@ -92,7 +92,8 @@ def test_opt_out_and_info_fields():
     inst = ridge(1, 10.0)
     _, info = hypergrad(inst.outer_loss, inst.w_star, inst.hparams, inner_loss=inst.inner_loss,
                                 return_info=True, estimate=False)
-    assert info.error_estimate is None and info.contraction is None and info.error is None
+    assert info.error_estimate is None and info.error is None
+    assert 0 < info.contraction < 1  # free with CG: its Lanczos coefficients
     _, info = hypergrad(inst.outer_loss, inst.w_star, inst.hparams, inner_loss=inst.inner_loss,
                                 return_info=True)
     e = info.error
@@ -166,3 +167,28 @@ def test_estimate_under_vmap_matches_a_loop():
         hk, ik = one(ws[k], lams[k], Q[k])
         assert torch.allclose(hg[k], hk)
         assert info.error_estimate[k].item() == pytest.approx(ik.error_estimate, rel=1e-6)
+
+
+def test_contraction_comes_free_with_cg_and_fixed_point_solves():
+    """Without estimate=True, info.contraction is still there where the solve gives it:
+    CG's Lanczos Ritz values (inside the spectrum of H: q̂ ≤ 1 − λ_min/λ_max, and close to it
+    once CG has run d iterations), the residual decay of AID-FP (≈ ρ(∂_wΦ)); None for GMRES
+    and under vmap, where it would cost time."""
+    inst = ridge(3, 100.0, d=12)
+    hg, info = bilevel.hypergrad(inst.outer_loss, inst.w_star, inst.hparams, inner_loss=inst.inner_loss,
+                                 return_info=True)
+    H = torch.func.hessian(inst.inner_loss)(inst.w_star, inst.hparams)
+    ev = torch.linalg.eigvalsh(H)
+    q = 1 - (ev[0] / ev[-1]).item()
+    assert info.error is None and info.error_estimate is None
+    assert q - 1e-9 <= info.contraction <= q + 1e-9 or 0 < info.contraction <= q
+    assert abs(info.contraction - q) < 0.05 * (1 - q) + 1e-9
+    fp = linear_contraction(1, 10.0)
+    J = torch.func.jacrev(fp.fixed_point)(fp.w_star, fp.hparams)
+    rho = torch.linalg.eigvals(J).abs().max().item()
+    _, finfo = bilevel.hypergrad(fp.outer_loss, fp.w_star, fp.hparams, fixed_point=fp.fixed_point,
+                                 solver=bilevel.FixedPoint(maxiter=60, tol=0.0), return_info=True)
+    assert abs(finfo.contraction - rho) < 0.1 * (1 - rho) + 0.02
+    _, ginfo = bilevel.hypergrad(fp.outer_loss, fp.w_star, fp.hparams, fixed_point=fp.fixed_point,
+                                 solver=bilevel.GMRES(), return_info=True)
+    assert ginfo.contraction is None

@@ -49,7 +49,7 @@ from bilevel._checks import (
     warn_error_above,
     worst,
 )
-from bilevel.error import AIDError, ErrorEstimate
+from bilevel.error import AIDError, ErrorEstimate, ritz_values
 from bilevel.linear_solve import (
     CG,
     SYMMETRIC_SOLVERS,
@@ -79,10 +79,13 @@ class HypergradInfo:
     ``params``; pass it as ``init=`` to warm-start the next call.
 
     ``error_estimate``: an estimate of an upper bound on ``‖ĝ − ∇F(λ)‖`` (Euclidean over all
-    hparams leaves) from the inner residual and the linear-system residual, and
-    ``contraction``: the estimated ``q̂`` (``‖∂_wΦ‖``, or ``1 − μ̂/L̂`` for an inner_loss);
-    ``error``: the parts (:class:`bilevel.error.ErrorEstimate`).  ``None`` unless
-    ``estimate=True`` or ``tol=``.  An estimate, not a guarantee: see :mod:`bilevel.error`.
+    hparams leaves) from the inner residual and the linear-system residual, and ``error``:
+    its parts (:class:`bilevel.error.ErrorEstimate`); ``None`` unless ``estimate=True`` or
+    ``tol=``.  An estimate, not a guarantee: see :mod:`bilevel.error`.  ``contraction``: the
+    estimated ``q̂`` (``‖∂_wΦ‖``, or ``1 − μ̂/L̂`` for an inner_loss); from the estimate when
+    there is one, else where the solve gives it for free (no extra product, outside torch.func
+    transforms): CG on an inner_loss (its Lanczos coefficients), FixedPoint/Neumann with
+    step 1 on a fixed_point from ``v = 0`` (the mean residual decay); else ``None``.
     ``inner_iterations``: inner steps run (by :func:`bilevel.hypergrad_within`; else 0).
     ``damping``: the ``δ`` of the damped system ``(A + δI) v = b`` that was solved.
     """
@@ -390,9 +393,10 @@ def hypergrad(
     check_input_finite(w, "params")
     check_input_finite(lam, "hparams")
     try:
-        hg, v, sinfo, op, fval, err = _hypergrad(outer_loss, w, lam, wspec, lspec, inner_loss, fixed_point, solver,
-                                                 init, precond, tol, (estimate and return_info) or tol is not None,
-                                                 float(damping))
+        hg, v, sinfo, op, fval, err, q = _hypergrad(outer_loss, w, lam, wspec, lspec, inner_loss, fixed_point,
+                                                    solver, init, precond, tol,
+                                                    (estimate and return_info) or tol is not None, float(damping),
+                                                    return_info and no_transform())
     except RuntimeError as exc:
         raise explain_inference(exc, "hypergrad") from exc
     if tol is None:
@@ -413,7 +417,7 @@ def hypergrad(
         item(fval.detach()),
         T.tree_unflatten([t.detach() for t in v], wspec),
         None if err is None else err.total,
-        None if err is None else err.contraction,
+        q if err is None else err.contraction,
         err,
         damping=float(damping),
     )
@@ -442,7 +446,7 @@ def _damped(op: ImplicitOperator, damping: float) -> ImplicitOperator:
 
 
 def _hypergrad(outer_loss, w, lam, wspec, lspec, inner_loss, fixed_point, solver, init, precond, tol, estimate,
-               damping=0.0):
+               damping=0.0, free_contraction=False):
     f = _tree_fn(outer_loss, wspec, lspec)
     fval, gw, gl = _outer_grads(f, w, lam)
     check_finite(gw, "∇_w outer_loss")
@@ -461,7 +465,8 @@ def _hypergrad(outer_loss, w, lam, wspec, lspec, inner_loss, fixed_point, solver
         lanczos: list = []
         # CG's Lanczos coefficients cost ~10 scalar ops per iteration (under vmap, as many dispatches): only
         # for the estimate.  v is checked finite in the solve
-        v, sinfo = _solve(op, gw, slv, start, pc, lanczos if pc is None and estimate else None)
+        wanted = estimate or (free_contraction and isinstance(slv, CG))
+        v, sinfo = _solve(op, gw, slv, start, pc, lanczos if pc is None and wanted else None)
         return v, sinfo, op.cross(v), lanczos
 
     err = None
@@ -471,16 +476,36 @@ def _hypergrad(outer_loss, w, lam, wspec, lspec, inner_loss, fixed_point, solver
             op, lambda w2: _damped(implicit_operator(w2, lam, wspec, lspec, **form), damping),
             lambda w2: _outer_grads(f, w2, lam)[1:], w, gw, gl, inner_loss is not None,
         )
+    q = None
     if tol is None:
         v, sinfo, cross_v, lanczos = solve_once(solver, x0)
         if estimate:
             err = estimator(v, cross_v, lanczos)
+        elif free_contraction:
+            q = _solver_contraction(solver, sinfo, lanczos, x0 is None and pc is None, inner_loss is not None, gw[0])
     else:
         v, sinfo, cross_v, err = _meet_tol(solve_once, estimator, solver, x0, tol)
     hg = T.add(gl, cross_v)
     check_finite(hg, "the hypergradient")
     check_reached(hg, lspec, lambda: _unused_hparams(f, inner_loss, fixed_point, w, lam, wspec, lspec))
-    return hg, v, sinfo, op, fval, err
+    return hg, v, sinfo, op, fval, err, q
+
+
+def _solver_contraction(solver: Solver, sinfo: Any, lanczos: list, cold: bool, optimality: bool,
+                        like: torch.Tensor) -> float | None:
+    """``q̂`` from what the linear solve gave for free (no extra product): CG's Lanczos
+    tridiagonal (``1 − μ̂/L̂``, the extreme Ritz values of ``H``), or a Richardson/Neumann run
+    with step 1 on the fixed-point form from ``v = 0``, whose residual after K iterations is
+    ``(∂_wΦ)ᵀᴷ b`` (``q̂ = (‖r_K‖/‖b‖)^{1/K}``, the mean rate).  ``None`` for other solvers."""
+    if isinstance(solver, CG) and optimality:
+        ritz = ritz_values(lanczos, like)
+        if ritz is None:
+            return None
+        return float(1 - ritz[0] / ritz[1])
+    if isinstance(solver, (FixedPoint, Neumann)) and not optimality and solver.step == 1 and cold \
+            and sinfo.iterations > 0:
+        return float(torch.as_tensor(sinfo.residual).clamp(min=0)) ** (1.0 / sinfo.iterations)
+    return None
 
 
 def _solve(op: ImplicitOperator, b: Leaves, solver: Solver, x0: Leaves | None, pc: Callable[[Leaves], Leaves] | None,
