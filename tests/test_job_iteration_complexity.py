@@ -27,7 +27,9 @@ def test_quick_run_writes_results_and_plot(tmp_path, capsys):
         for m in ic.METHODS:
             c = pr["curves"][m]
             assert all(math.isfinite(e) for e in c["error"]) and math.isfinite(c["rate"])
-            assert len(c["estimate"]) == (0 if m == "ITD" else len(c["t"]))
+            assert len(c["estimate"]) == len(c["t"])
+        itd = pr["curves"]["ITD"]  # ITD's estimate (hypergrad_error) bounds its error above rounding
+        assert all(est >= err for err, est in zip(itd["error"], itd["estimate"]) if err > 1e-12)
         assert set(pr["budgets"]) == {"0.001", "1e-06"}
     assert (tmp_path / "iteration_complexity.png").stat().st_size > 10_000
     assert "AID-CG" in capsys.readouterr().out

@@ -18,8 +18,9 @@ The inner iteration is gradient descent ``Φ(w, λ) = w − η∇_w g`` (``η = 
 contraction with ``q = 1 − μ/L``).  For t = 1, 2, 4, … inner steps from ``w = 0`` and as
 many linear-system steps (K = t), four hypergradients: ITD (reverse mode through the t
 steps, :func:`bilevel.unroll`), AID-FP (``FixedPoint``), AID-Neumann (``Neumann``) and AID-CG
-(``CG`` on the optimality form), each against the exact ``∇F``.  For the AID methods the
-plot draws beside each true error the a-posteriori estimate ``info.error_estimate``; the
+(``CG`` on the optimality form), each against the exact ``∇F``.  The plot draws beside
+each true error the a-posteriori estimate: ``info.error_estimate`` for AID, and
+:func:`bilevel.hypergrad_error` for ITD (its distance to AID-CG at ``w_t`` + that one's); the
 fitted linear rates (``error ∝ r^t``) are printed next to ``q̂ = info.contraction``.  Then the
 total cost (inner steps + linear iterations, + the estimates' own products) of reaching
 ε = 1e-3 and 1e-6 (relative to ‖∇F‖) with :func:`bilevel.hypergrad_within` (automatic
@@ -166,7 +167,7 @@ def _aid(p: Problem, w: torch.Tensor, method: str, t: int) -> tuple[torch.Tensor
 
 
 def curves(p: Problem, cfg: Config) -> dict[str, Any]:
-    """True error (and, for AID, the estimate) of each method for t = 1, 2, 4, … (T = K = t)."""
+    """True error and estimate of each method for t = 1, 2, 4, … (T = K = t)."""
     ts = [2**i for i in range(cfg.max_log2_t + 1)]
     out: dict[str, Any] = {m: {"t": ts, "error": [], "estimate": [], "contraction": []} for m in METHODS}
     scale = float(p.exact.norm())
@@ -180,6 +181,9 @@ def curves(p: Problem, cfg: Config) -> dict[str, Any]:
         wt = bilevel.unroll(p.step, p.w0, lam, t)
         (g_itd,) = torch.autograd.grad(p.outer_loss(wt, lam), lam)
         out["ITD"]["error"].append(float((g_itd - p.exact).norm()) / scale)
+        # ITD's estimate: its distance to AID-CG at w_t, plus AID-CG's own estimate there
+        itd_err = bilevel.hypergrad_error(g_itd, p.outer_loss, wt.detach(), p.hparams, inner_loss=p.inner_loss)
+        out["ITD"]["estimate"].append(float(itd_err.total) / scale)
         for m in METHODS[1:]:
             hg, info = _aid(p, w, m, t)
             out[m]["error"].append(float((hg - p.exact).norm()) / scale)
