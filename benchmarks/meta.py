@@ -25,8 +25,11 @@ needs a positive definite ∇²L^s + λI, and bilevel's CG refuses (SolverError)
 non-positive curvature that the peers' CG runs through silently; the Hessian of the MSE of
 a ReLU network is indefinite away from a minimiser (λ = 10 fails at T = 4, λ ≤ 5 at T = 16).
 
-Time: median of ``--repeats`` meta-steps after a warm-up, float32 (each library at the
-same thread count), wall and process CPU time (the steadier one on a shared machine).
+Time: median of ``--repeats`` meta-steps after a warm-up, the methods of a family taking
+turns (round-robin, so that a drifting load on a shared machine is shared), float32 (each
+library at the same thread count), wall and process CPU time (the steadier one on a shared machine;
+OpenMP threads wait passively, ``OMP_WAIT_POLICY=PASSIVE``, unless the variable is set, so
+that CPU time is not spin-waiting while another process holds the core).
 Peak memory: each (family, method) once more in a new (spawned) process,
 peak RSS above the baseline as in ``memory.py`` (glibc mmap threshold fixed, clear_refs,
 VmHWM), or ``torch.cuda.max_memory_allocated`` with ``--device cuda``.  Agreement: every
@@ -45,6 +48,7 @@ import argparse
 import gc
 import math
 import multiprocessing as mp
+import os
 import statistics
 import sys
 import time
@@ -52,9 +56,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch import nn
-from torch.func import functional_call, grad, vjp, vmap
+# Before torch loads libgomp: OpenMP workers that spin-wait between parallel regions burn CPU
+# while another process holds the core, and process CPU time then measures the spinning (on
+# this 2-core VM under load: 1.6 s instead of 43 ms of CPU per iMAML step with 2 threads).
+# Passive waiting applies to every method alike; an OMP_WAIT_POLICY already set is kept.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.func import functional_call, grad, vjp, vmap  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import configure_threads, format_table, machine_info, write_json  # noqa: E402
@@ -281,20 +291,42 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_method(fn: Callable[[Setup], Named], s: Setup, repeats: int,
-                device: str) -> tuple[list[float], list[float], Named]:
-    """Wall and process-CPU seconds of ``repeats`` calls after a warm-up (on a shared machine
-    the CPU time is the steadier measure: the wall time also counts other processes)."""
-    out = fn(s)  # warm-up
-    _sync(device)
-    times, cpu = [], []
+def time_interleaved(fns: dict[str, Callable[[Setup], Named]], s: Setup, repeats: int,
+                     device: str) -> dict[str, tuple[list[float], list[float], Named] | str]:
+    """Wall and process-CPU seconds of ``repeats`` calls of each method after a warm-up, the
+    methods taking turns (round r of every method, then round r + 1): on a shared machine
+    the load drifts over seconds, and timing one method's repeats after the other's would
+    charge the drift to the ratios.  CPU time is the steadier measure there (the wall time
+    also counts other processes).  A method that raises gets its error message instead."""
+    result: dict[str, Any] = {}
+    live: dict[str, Callable[[Setup], Named]] = {}
+    for name, fn in fns.items():
+        try:
+            fn(s)  # warm-up
+            _sync(device)
+            live[name] = fn
+            result[name] = ([], [], None)
+        except Exception as err:  # noqa: BLE001 - a peer that breaks is reported, the rest go on
+            result[name] = _error(err)
     for _ in range(repeats):
-        t0, c0 = time.perf_counter(), time.process_time()
-        out = fn(s)
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-        cpu.append(time.process_time() - c0)
-    return times, cpu, out
+        for name, fn in list(live.items()):
+            times, cpu, _ = result[name]
+            try:
+                t0, c0 = time.perf_counter(), time.process_time()
+                out = fn(s)
+                _sync(device)
+            except Exception as err:  # noqa: BLE001
+                result[name] = _error(err)
+                del live[name]
+                continue
+            times.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
+            result[name] = (times, cpu, out)
+    return result
+
+
+def _error(err: Exception) -> str:
+    return f"{type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''}"
 
 
 def _peak_child(family: str, name: str, args: argparse.Namespace, conn: Any) -> None:
@@ -358,32 +390,44 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         s32, s64 = Setup(args, torch.float32), Setup(args, torch.float64)
         ref64 = METHODS[family]["hand vmap"](s64)
         ref32 = None
+        fams: list[dict[str, Any]] = []
+        fns = {}
         for name, fn in METHODS[family].items():
-            row: dict[str, Any] = {"family": family, "method": name}
             why = available(name)
-            if why is not None:
-                rows.append({**row, "error": why})
+            if why is None:
+                fns[name] = fn
+            else:
+                fams.append({"family": family, "method": name, "error": why})
+        timed = time_interleaved(fns, s32, args.repeats, args.device)
+        for name, fn in fns.items():
+            row: dict[str, Any] = {"family": family, "method": name}
+            got = timed[name]
+            if isinstance(got, str):
+                fams.append({**row, "error": got})
                 continue
+            times, cpu, out = got
             try:
-                times, cpu, out = time_method(fn, s32, args.repeats, args.device)
                 g64 = fn(s64)
-            except Exception as err:  # noqa: BLE001 - a peer that breaks is reported, the rest go on
-                rows.append({**row, "error": f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"})
+            except Exception as err:  # noqa: BLE001
+                fams.append({**row, "error": _error(err)})
                 continue
             if name == "hand vmap":
                 ref32 = out
             mem = peak_memory(family, name, args) if not args.no_memory else {"peak_bytes": None, "how": "skipped"}
             row.update({
                 "median_ms": 1e3 * statistics.median(times), "times_ms": [1e3 * t for t in times],
-                "cpu_median_ms": 1e3 * statistics.median(cpu),
+                "cpu_median_ms": 1e3 * statistics.median(cpu), "cpu_ms": [1e3 * c for c in cpu],
                 "peak_mib": None if mem["peak_bytes"] is None else mem["peak_bytes"] / 2**20, "memory_how": mem["how"],
                 "rel_err_float64_vs_hand": rel_err(g64, ref64),
                 "_out32": out,
             })
-            rows.append(row)
-        for row in rows:
-            if row["family"] == family and "_out32" in row:
+            fams.append(row)
+        order = list(METHODS[family])
+        fams.sort(key=lambda r: order.index(r["method"]))
+        for row in fams:
+            if "_out32" in row:
                 row["rel_err_float32_vs_hand"] = rel_err(row.pop("_out32"), ref32) if ref32 is not None else None
+        rows.extend(fams)
         _ratios(rows, family, args.device)
     return rows
 
@@ -438,7 +482,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--lam", type=float, default=20.0, help="iMAML's proximal strength λ (default 20)")
     p.add_argument("--inner-lr", dest="inner_lr", type=float, default=0.01, help="inner GD step α (default 0.01)")
     p.add_argument("--families", default="iMAML,MAML")
-    p.add_argument("--repeats", type=int, default=7, help="timed meta-steps per method (median)")
+    p.add_argument("--repeats", type=int, default=15, help="timed meta-steps per method (median; default 15)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
@@ -467,7 +511,9 @@ def main(argv: list[str] | None = None) -> int:
           f"iMAML CG K={args.cg}, λ={args.lam}, float32, {threads['threads']} thread(s), {args.device}; "
           f"median of {args.repeats}")
     print(table(rows))
-    payload = {"benchmark": "meta", "settings": {k: v for k, v in vars(args).items() if k != "out"},
+    settings = {k: v for k, v in vars(args).items() if k != "out"}
+    settings["OMP_WAIT_POLICY"] = os.environ.get("OMP_WAIT_POLICY")
+    payload = {"benchmark": "meta", "settings": settings,
                "targets": {"time_vs_hand": TIME_TARGET_HAND, "time_vs_best_loop_peer": TIME_TARGET_PEER,
                            "rel_err_float64_vs_hand": AGREE_TOL},
                "machine": machine_info(threads), "results": rows}

@@ -37,40 +37,46 @@ Leaves = list[torch.Tensor]
 
 def add(x: Sequence[torch.Tensor], y: Sequence[torch.Tensor]) -> Leaves:
     """x + y, leaf by leaf."""
-    try:
-        return list(torch._foreach_add(list(x), list(y)))
-    except RuntimeError:  # _foreach_* has no batching rule under torch.func.vmap
-        return [xi + yi for xi, yi in zip(x, y)]
+    if not _transformed():  # _foreach_* has no batching rule under torch.func.vmap (raising costs more than a loop)
+        try:
+            return list(torch._foreach_add(list(x), list(y)))
+        except RuntimeError:
+            pass
+    return [xi + yi for xi, yi in zip(x, y)]
 
 
 def sub(x: Sequence[torch.Tensor], y: Sequence[torch.Tensor]) -> Leaves:
     """x - y, leaf by leaf."""
-    try:
-        return list(torch._foreach_sub(list(x), list(y)))
-    except RuntimeError:  # under vmap
-        return [xi - yi for xi, yi in zip(x, y)]
+    if not _transformed():
+        try:
+            return list(torch._foreach_sub(list(x), list(y)))
+        except RuntimeError:
+            pass
+    return [xi - yi for xi, yi in zip(x, y)]
 
 
 def axpy(a: torch.Tensor | float, x: Sequence[torch.Tensor], y: Sequence[torch.Tensor]) -> Leaves:
     """a * x + y, with ``a`` a scalar (a 0-d tensor stays on the device: no host sync)."""
     if isinstance(a, torch.Tensor):  # one fused kernel per leaf (y + a*x is two, and two dispatches under vmap)
         return [torch.addcmul(yi, a, xi) for xi, yi in zip(x, y)]
-    if len(x) == 1:  # one leaf: torch.add is cheaper to launch than a foreach op
-        return [torch.add(y[0], x[0], alpha=a)]
-    try:
-        return list(torch._foreach_add(list(y), list(x), alpha=a))
-    except RuntimeError:  # under vmap
-        return [yi + a * xi for xi, yi in zip(x, y)]
+    if len(x) > 1 and not _transformed():  # one foreach op; one leaf: torch.add is cheaper to launch
+        try:
+            return list(torch._foreach_add(list(y), list(x), alpha=a))
+        except RuntimeError:
+            pass
+    return [torch.add(yi, xi, alpha=a) for xi, yi in zip(x, y)]
 
 
 def scale(a: torch.Tensor | float, x: Sequence[torch.Tensor]) -> Leaves:
     """a * x."""
     if isinstance(a, torch.Tensor):
         return [a * xi for xi in x]
-    try:
-        return list(torch._foreach_mul(list(x), a))
-    except RuntimeError:  # under vmap
-        return [a * xi for xi in x]
+    if not _transformed():
+        try:
+            return list(torch._foreach_mul(list(x), a))
+        except RuntimeError:
+            pass
+    return [a * xi for xi in x]
 
 
 def vdot(x: Sequence[torch.Tensor], y: Sequence[torch.Tensor]) -> torch.Tensor:
