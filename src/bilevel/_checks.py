@@ -242,13 +242,15 @@ def prepare_pair(params: Any, hparams: Any, pname: str) -> tuple[Leaves, Any, Le
     return w, wspec, lam, lspec
 
 
-def check_shaped_like(out: Leaves, ospec: Any, w: Leaves, wspec: Any, what: str, like: str = "params") -> None:
-    """Raise unless ``out`` (leaves, spec) has the structure, shapes and dtypes of ``w``."""
+def check_shaped_like(out: Leaves, ospec: Any, w: Leaves, wspec: Any, what: str, like: str = "params",
+                      verb: str = "should return") -> None:
+    """Raise unless ``out`` (leaves, spec) has the structure, shapes and dtypes of ``w``
+    (``what`` is a function's output, or with ``verb="should be"`` an argument)."""
     if ospec != wspec or any(
         not isinstance(o, torch.Tensor) or o.shape != x.shape or o.dtype != x.dtype for o, x in zip(out, w)
     ):
         raise ValueError(
-            f"{what} should return a pytree with the structure and shapes of {like} "
+            f"{what} {verb} a pytree with the structure and shapes of {like} "
             f"({T.describe(T.tree_unflatten(list(w), wspec))}) and its dtype, "
             f"got {T.describe(T.tree_unflatten(list(out), ospec))}."
         )

@@ -62,8 +62,9 @@ def hypergrad_error(
         solver = CG() if inner_loss is not None else GMRES()
     lam, lspec = leaves(hparams, "hparams")
     g_leaves, g_spec = T.tree_flatten(hypergradient)
-    check_shaped_like(g_leaves, g_spec, lam, lspec, "hypergradient", like="hparams")
-    check_input_finite(g_leaves, "hypergradient")
+    check_shaped_like(g_leaves, g_spec, lam, lspec, "hypergrad_error: the hypergradient", like="hparams",
+                      verb="should be")
+    check_input_finite(g_leaves, "hypergrad_error: the hypergradient")
     ref, info = hypergrad(outer_loss, params, hparams, inner_loss=inner_loss, fixed_point=fixed_point,
                           solver=solver, return_info=True, estimate=True, inner_tol=float("inf"))
     diff = T.norm([g.detach() - r for g, r in zip(g_leaves, T.tree_flatten(ref)[0], strict=True)])
