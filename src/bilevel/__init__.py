@@ -3,6 +3,7 @@
 from bilevel import error, linear_solve, nn, nonsmooth, prox
 from bilevel._checks import ConvergenceWarning
 from bilevel.budget import hypergrad_within
+from bilevel.compiled import compiled_hypergrad
 from bilevel.custom import ImplicitInfo, implicit
 from bilevel.error import ErrorEstimate
 from bilevel.fixed_point_solve import Anderson, Picard, fixed_point_solve
@@ -51,6 +52,7 @@ __all__ = [
     "HypergradInfo",
     "hypergrad_within",
     "hypergrad_error",
+    "compiled_hypergrad",
     "ErrorEstimate",
     "unroll",
     "forward_hypergrad",

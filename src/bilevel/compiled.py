@@ -1,0 +1,184 @@
+"""An AID hypergradient whose whole solve is one ``torch.compile`` graph (opt-in).
+
+:func:`bilevel.hypergrad` reads residuals on the host between iterations (its tolerance,
+curvature and breakdown checks) and looks behind torch.func wrappers, so ``torch.compile``
+runs it eagerly (a graph break at its entry).  Where the per-operation cost of eager
+autograd and Python dominates — small problems, many calls, a GPU's launch overhead —
+:func:`compiled_hypergrad` builds the optimality-form AID step with exactly ``K`` CG
+iterations, no data-dependent control flow, from torch.func transforms:
+
+    b = ∇_w f,   (H + δI) v = b  by K CG iterations from v = 0,   ∇F ≈ ∇_λ f − (∂²_{λw} g)ᵀ v,
+
+with ``H v`` and ``(∂²_{λw} g)ᵀ v`` two pullbacks of one ``vjp`` of ``∇_w g``, and compiles it
+as one graph (``fullgraph=True``: a break would raise).  The trust policy runs after the
+graph on what it returns — the true residual ``‖b − (H + δI)v‖/‖b‖``, whether any CG step met
+``⟨p, (H + δI)p⟩ ≤ 0``, ``‖∇_w g‖`` and ``‖H w‖``, finiteness — with one host read per call:
+the same errors and warnings as :func:`bilevel.hypergrad` with ``CG(maxiter=K, tol=0)``,
+except that an unconverged solve is judged against ``tol`` afterwards instead of stopping
+early.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.func import grad, vjp
+
+from bilevel import _tree as T
+from bilevel._checks import (
+    SolverError,
+    check_count,
+    check_finite,
+    check_inner_solution,
+    check_input_finite,
+    check_reached,
+    check_tol,
+    inner_scale,
+    leaves_pair,
+    scalar,
+    unreached,
+    warn_unconverged,
+)
+from bilevel.ift import HypergradInfo
+
+__all__ = ["compiled_hypergrad"]
+
+Leaves = list[torch.Tensor]
+
+
+def _dot(x: Leaves, y: Leaves) -> torch.Tensor:
+    return sum((a * b).sum() for a, b in zip(x, y))  # type: ignore[return-value]
+
+
+def _aid_cg(outer_loss: Callable[[Any, Any], torch.Tensor], inner_loss: Callable[[Any, Any], torch.Tensor],
+            wspec: Any, lspec: Any, K: int, damping: float) -> Callable[[Leaves, Leaves], tuple[Any, ...]]:
+    """The AID-CG step on leaves, as a pure function of tensors with a fixed K (traceable)."""
+
+    def f(wl: Leaves, ll: Leaves) -> torch.Tensor:
+        return scalar(outer_loss(T.tree_unflatten(wl, wspec), T.tree_unflatten(ll, lspec)), "outer_loss")
+
+    def g(wl: Leaves, ll: Leaves) -> torch.Tensor:
+        return scalar(inner_loss(T.tree_unflatten(wl, wspec), T.tree_unflatten(ll, lspec)), "inner_loss")
+
+    def step(w: Leaves, lam: Leaves) -> tuple[Any, ...]:
+        fval = f(w, lam)
+        gw, gl = grad(f, argnums=(0, 1))(w, lam)
+        grad_w, pull = vjp(grad(g), w, lam)
+
+        def A(v: Leaves) -> Leaves:
+            return [hv + damping * vi for hv, vi in zip(pull(v)[0], v)]
+
+        x = [torch.zeros_like(t) for t in gw]
+        r, p = list(gw), list(gw)
+        rr = _dot(r, r)
+        bad = torch.zeros((), dtype=torch.bool, device=rr.device)
+        for _ in range(K):
+            Ap = A(p)
+            pAp = _dot(p, Ap)
+            # ⟨p, Ap⟩ ≤ 0 with p ≠ 0: A is not positive definite (judged after the graph)
+            bad = bad | ((pAp <= 0) & (_dot(p, p) > 0))
+            alpha = rr / torch.where(pAp > 0, pAp, torch.ones_like(pAp))
+            alpha = torch.where(pAp > 0, alpha, torch.zeros_like(alpha))  # an exact solve: p = 0, no step
+            x = [xi + alpha * pi for xi, pi in zip(x, p)]
+            r = [ri - alpha * api for ri, api in zip(r, Ap)]
+            rr_new = _dot(r, r)
+            beta = rr_new / torch.where(rr > 0, rr, torch.ones_like(rr))
+            p = [ri + beta * pi for ri, pi in zip(r, p)]
+            rr = rr_new
+        true_r = [bi - ai for bi, ai in zip(gw, A(x))]  # recomputed, not recurred: the trust policy's residual
+        bnorm = _dot(gw, gw).sqrt()
+        residual = _dot(true_r, true_r).sqrt() / torch.where(bnorm > 0, bnorm, torch.ones_like(bnorm))
+        hg = [a - b for a, b in zip(gl, pull(x)[1])]
+        inner = _dot(grad_w, grad_w).sqrt()
+        scale = _dot(*(2 * [pull(w)[0]])).sqrt()  # ‖H w‖: what the inner residual is measured against
+        return hg, x, residual, bad, inner, scale, fval
+
+    return step
+
+
+def compiled_hypergrad(
+    outer_loss: Callable[[Any, Any], torch.Tensor],
+    *,
+    inner_loss: Callable[[Any, Any], torch.Tensor],
+    maxiter: int,
+    tol: float = 1e-6,
+    damping: float = 0.0,
+    inner_tol: float | None = None,
+    backend: str = "inductor",
+) -> Callable[[Any, Any], tuple[Any, HypergradInfo]]:
+    """``hypergrad_fn(params, hparams) -> (hypergrad, HypergradInfo)``: the AID-CG hypergradient
+    of :func:`bilevel.hypergrad` (``inner_loss`` form, ``CG(maxiter=K, tol=0)``, ``damping=δ``)
+    with the whole solve compiled as one graph.
+
+    ``maxiter``: K, the CG iterations every call runs (no early stop: no host read inside the
+    graph).  ``tol``: afterwards, a relative residual ``‖b − (H + δI)v‖/‖b‖`` above it warns
+    (:class:`~bilevel.ConvergenceWarning`); ``inner_tol`` as for :func:`bilevel.hypergrad`.  A
+    non-positive curvature met by CG raises :class:`~bilevel.SolverError` (damp the system,
+    or use :func:`bilevel.hypergrad` with ``MINRES``); NaN/Inf and hyperparameters that reach
+    nothing raise as there.  ``backend``: ``torch.compile``'s (``"inductor"`` generates code
+    and needs a C++ compiler on CPU; ``"aot_eager"`` only traces).
+
+    Compile once, call many times: the first call for given shapes and dtypes compiles (seconds
+    to a minute), later calls reuse the graph.  Worth it for small problems and many calls;
+    measured in ``benchmarks/compile.py``.  Reverse mode through the result is not supported:
+    it is detached.
+    """
+    if not callable(outer_loss) or not callable(inner_loss):
+        raise TypeError("compiled_hypergrad: outer_loss and inner_loss should be functions (params, hparams).")
+    K = check_count("compiled_hypergrad: maxiter", maxiter, 1)
+    tol = check_tol("compiled_hypergrad: tol", tol)
+    damping = check_tol("compiled_hypergrad: damping", damping)  # a finite float >= 0, as a tolerance
+    if inner_tol is not None and inner_tol != math.inf:
+        check_tol("compiled_hypergrad: inner_tol", inner_tol)
+    graphs: dict[tuple[Any, Any], Callable[..., Any]] = {}  # one compiled step per (params, hparams) structure
+
+    def hypergrad_fn(params: Any, hparams: Any) -> tuple[Any, HypergradInfo]:
+        (w, wspec), (lam, lspec) = leaves_pair(params, hparams, "params")
+        w, lam = [t.detach() for t in w], [t.detach() for t in lam]
+        check_input_finite(w, "params")
+        check_input_finite(lam, "hparams")
+        key = (wspec, lspec)
+        if key not in graphs:
+            graphs[key] = torch.compile(_aid_cg(outer_loss, inner_loss, wspec, lspec, K, damping),
+                                        fullgraph=True, backend=backend)
+        with torch.no_grad():
+            hg, v, residual, bad, inner, scale, fval = graphs[key](w, lam)
+        check_finite(v, f"the linear-system solution v (compiled CG, {K} iterations)")
+        check_finite(hg, "the hypergradient")
+        if bool(bad):
+            raise SolverError("compiled_hypergrad: CG met non-positive curvature <p, (H + δI) p> <= 0: the inner "
+                              "Hessian at params is not positive definite (are params a minimiser?). Pass damping=δ "
+                              "> 0, or use bilevel.hypergrad with MINRES().")
+        res = float(residual)
+        converged = res <= tol
+        if not converged:
+            warn_unconverged("compiled_hypergrad", "CG (compiled)", K, res, tol,
+                             "Raise maxiter (CG iterations per call).")
+
+        def scale_of() -> torch.Tensor:  # ‖H w‖ from the graph; where w = 0 the policy's ‖H u‖, eagerly (rare)
+            if bool(scale > 0):
+                return scale
+            _, pull = vjp(grad(lambda wl, ll: scalar(inner_loss(T.tree_unflatten(wl, wspec),
+                                                                 T.tree_unflatten(ll, lspec)), "inner_loss")), w, lam)
+            return inner_scale(w, lambda v: list(pull(v)[0]))
+
+        check_inner_solution("compiled_hypergrad", "inner_loss", inner, scale_of, inner_tol)
+
+        def find_unused() -> list[int]:
+            def reached(ll: Leaves) -> list[Any]:
+                wl = [t.detach().requires_grad_() for t in w]
+                gval = scalar(inner_loss(T.tree_unflatten(wl, wspec), T.tree_unflatten(ll, lspec)), "inner_loss")
+                fv = outer_loss(T.tree_unflatten(wl, wspec), T.tree_unflatten(ll, lspec))
+                return [fv, *torch.autograd.grad(gval, wl, create_graph=True, allow_unused=True)]
+
+            return unreached(reached, lam)
+
+        check_reached(hg, lspec, find_unused)
+        info = HypergradInfo("CG (compiled)", K, res, converged, float(inner), float(fval),
+                             T.tree_unflatten(list(v), wspec), damping=damping)
+        return T.tree_unflatten(list(hg), lspec), info
+
+    return hypergrad_fn

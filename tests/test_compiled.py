@@ -1,0 +1,112 @@
+"""compiled_hypergrad: the AID-CG step as one torch.compile graph, against hypergrad and exact answers.
+
+Most tests trace with backend="aot_eager" (the whole graph is captured with fullgraph=True,
+which raises on any graph break, but no code is generated: fast, and no C++ compiler
+needed); one runs inductor where a C++ compiler exists."""
+
+from __future__ import annotations
+
+import math
+import shutil
+
+import pytest
+import torch
+from error_instances import logistic, ridge
+
+import bilevel
+
+BACKEND = "aot_eager"
+
+
+@pytest.mark.parametrize("make", [ridge, logistic])
+def test_matches_hypergrad_and_the_exact_answer(make):
+    inst = make(2, 100.0)
+    d = inst.w_star.numel()
+    fn = bilevel.compiled_hypergrad(inst.outer_loss, inner_loss=inst.inner_loss, maxiter=d, backend=BACKEND)
+    hg, info = fn(inst.w_star, inst.hparams)
+    ref = bilevel.hypergrad(inst.outer_loss, inst.w_star, inst.hparams, inner_loss=inst.inner_loss,
+                            solver=bilevel.CG(maxiter=d, tol=0.0))
+    assert (hg - ref).norm() <= 1e-8 * ref.norm()  # past convergence the two CGs' rounding differs
+    assert (hg - inst.exact).norm() <= 1e-6 * inst.exact.norm()
+    assert info.iterations == d and info.converged and info.solver == "CG (compiled)"
+    # same graph, new values: no recompilation needed, still right
+    w2 = inst.w_star + 1e-3
+    hg2, _ = fn(w2, inst.hparams)
+    ref2 = bilevel.hypergrad(inst.outer_loss, w2, inst.hparams, inner_loss=inst.inner_loss,
+                             solver=bilevel.CG(maxiter=d, tol=0.0), inner_tol=math.inf)
+    assert (hg2 - ref2).norm() <= 1e-8 * ref2.norm()
+
+
+def test_pytrees_and_damping():
+    inst = ridge(4, 10.0)
+
+    def split(p):
+        return torch.cat([p["a"], p["b"]])
+
+    def inner(p, h):
+        return inst.inner_loss(split(p), h["lam"])
+
+    def outer(p, h):
+        return inst.outer_loss(split(p), h["lam"])
+
+    P = {"a": inst.w_star[:4].clone(), "b": inst.w_star[4:].clone()}
+    H = {"lam": inst.hparams.clone()}
+    fn = bilevel.compiled_hypergrad(outer, inner_loss=inner, maxiter=10, damping=0.5, backend=BACKEND)
+    hg, info = fn(P, H)
+    ref = bilevel.hypergrad(outer, P, H, inner_loss=inner, solver=bilevel.CG(maxiter=10, tol=0.0), damping=0.5)
+    assert set(hg) == {"lam"} and (hg["lam"] - ref["lam"]).norm() <= 1e-10 * ref["lam"].norm()
+    assert info.damping == 0.5 and set(info.v) == {"a", "b"}
+
+
+def test_unconverged_warns_and_negative_curvature_raises():
+    inst = ridge(1, 1e3)
+    fn = bilevel.compiled_hypergrad(inst.outer_loss, inner_loss=inst.inner_loss, maxiter=2, backend=BACKEND)
+    with pytest.warns(bilevel.ConvergenceWarning, match="compiled_hypergrad: CG \\(compiled\\) stopped after 2"):
+        _, info = fn(inst.w_star, inst.hparams)
+    assert not info.converged and info.residual > 1e-6
+
+    def saddle(w, lam):  # indefinite: w0² − w1²
+        return w[0] ** 2 - w[1] ** 2 + (lam * w).sum()
+
+    def outer(w, lam):  # ∇_w f(0) = (−2, −6): ⟨b, H b⟩ = 8 − 72 < 0
+        return (w[0] - 1) ** 2 + 3 * (w[1] - 1) ** 2
+
+    fn = bilevel.compiled_hypergrad(outer, inner_loss=saddle, maxiter=2, backend=BACKEND)
+    w = torch.zeros(2, dtype=torch.float64)
+    with pytest.raises(bilevel.SolverError, match="non-positive curvature.*damping"):
+        fn(w, torch.ones(2, dtype=torch.float64))
+
+
+def test_inner_residual_nan_and_unreached_hparams():
+    inst = ridge(3, 10.0)
+    fn = bilevel.compiled_hypergrad(inst.outer_loss, inner_loss=inst.inner_loss, maxiter=10, backend=BACKEND)
+    with pytest.warns(bilevel.ConvergenceWarning, match="far from the inner solution"):
+        fn(inst.w0, inst.hparams)  # w0 = 0: measured against ‖H u‖, as hypergrad does
+    with pytest.raises(ValueError, match="hparams"):
+        fn(inst.w_star, torch.full_like(inst.hparams, math.nan))
+
+    def inner(w, h):
+        return inst.inner_loss(w, h["lam"])
+
+    fn = bilevel.compiled_hypergrad(lambda w, h: inst.outer_loss(w, h["lam"]), inner_loss=inner, maxiter=10,
+                                    backend=BACKEND)
+    with pytest.raises(ValueError, match="reaches neither"):
+        fn(inst.w_star, {"lam": inst.hparams, "unused": torch.ones(2, dtype=torch.float64)})
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, True])
+def test_options_are_checked(bad):
+    inst = ridge(0, 10.0)
+    with pytest.raises(ValueError, match="maxiter"):
+        bilevel.compiled_hypergrad(inst.outer_loss, inner_loss=inst.inner_loss, maxiter=bad)
+    with pytest.raises(ValueError, match="damping"):
+        bilevel.compiled_hypergrad(inst.outer_loss, inner_loss=inst.inner_loss, maxiter=3, damping=-1.0)
+
+
+@pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
+                    reason="inductor needs a C++ compiler on CPU")
+def test_inductor_generates_a_graph_without_breaks(one_thread):
+    inst = ridge(5, 10.0)
+    fn = bilevel.compiled_hypergrad(inst.outer_loss, inner_loss=inst.inner_loss, maxiter=10)
+    hg, info = fn(inst.w_star, inst.hparams)
+    assert (hg - inst.exact).norm() <= 1e-8 * inst.exact.norm() and info.converged
