@@ -26,6 +26,7 @@ from torch.func import grad, jvp, vjp
 
 from bilevel import _tree as T
 from bilevel._checks import (
+    all_finite,
     check_autograd,
     check_converged,
     check_finite,
@@ -390,8 +391,9 @@ def hypergrad(
     if not keep_graph:
         w = [t.detach() for t in w]
         lam = [t.detach() for t in lam]
-    check_input_finite(w, "params")
-    check_input_finite(lam, "hparams")
+    if not all_finite(w + lam):  # one read for both; the message names which
+        check_input_finite(w, "params")
+        check_input_finite(lam, "hparams")
     try:
         hg, v, sinfo, op, fval, err, q = _hypergrad(outer_loss, w, lam, wspec, lspec, inner_loss, fixed_point,
                                                     solver, init, precond, tol,
