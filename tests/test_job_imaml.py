@@ -31,6 +31,7 @@ def _check_common(res):
     for m in J.METHODS:
         h = res["history"][m]["query_loss"]
         assert len(h) == J.QUICK["meta_steps"] and all(math.isfinite(v) for v in h)
+    assert all(0 <= v < math.inf for v in res["imaml_inner_residual"].values())
 
 
 def test_quick_run_end_to_end(tmp_path, one_thread):
@@ -50,7 +51,8 @@ def test_quick_digits_episodes_end_to_end(tmp_path, one_thread):
     cfg = res["config"]
     assert cfg["task"] == "digits" and cfg["shots"] == J.IMAGE_DEFAULTS["shots"] and cfg["hidden"] == J.QUICK["hidden"]
     assert res["data"]["meta_train_classes"] == res["data"]["meta_test_classes"] == 5
-    for per_shot in res["test"].values():
+    assert set(res["test_at_start"]) == set(J.METHODS)
+    for per_shot in [*res["test"].values(), *res["test_at_start"].values()]:
         assert set(per_shot) == {"1", "5"}
         for r in per_shot.values():
             assert 0 <= r["accuracy"] <= 1 and math.isfinite(r["ci95"]) and r["episodes"] == J.QUICK["test_tasks"]
@@ -113,6 +115,7 @@ def test_imaml_meta_gradient_equals_a_dense_hessian_solve(kind, one_thread):
         exact.append(lam * torch.linalg.solve(H + lam * torch.eye(len(b), dtype=F64), b))
     exact = torch.stack(exact).mean(0)
     assert float((_flat(got) - exact).norm() / exact.norm()) < 1e-6
+    assert float(J.inner_residual(model, theta, tasks, steps, lr, lam, loss).max()) < 1e-6  # and the job's check
 
 
 def _gd(model, th, x, y, steps, lr, loss):
