@@ -183,6 +183,12 @@ def test_unknown_solver_is_one_line_before_compute(tmp_path):
         J.solver(cfg)
 
 
+def test_missing_fashion_mnist_is_one_line_naming_this_jobs_option(tmp_path):
+    cfg = J.Config(**{**J.QUICK, **J.IMAGE_DEFAULTS, "task": "fashion-mnist", "data_dir": str(tmp_path)})
+    with pytest.raises(_runs.UserError, match="no fashion-mnist IDX files found .* or use --task digits"):
+        J.check_tasks(cfg)
+
+
 def test_bad_task_or_lam_is_one_line_before_compute():
     with pytest.raises(_runs.UserError, match="invalid choice: 'mnist'"):
         J.config_from_args(J._parser().parse_args(["--task", "mnist"]))

@@ -482,8 +482,11 @@ def check_tasks(cfg: Config) -> Pools | None:
     meta-batch."""
     pools = None
     if cfg.task != "sinusoid":
-        pools = load_pools(cfg.task, cfg.data_dir, cfg.ways,
-                           max(cfg.shots, *cfg.test_shots) + max(cfg.queries, cfg.test_queries))
+        try:
+            pools = load_pools(cfg.task, cfg.data_dir, cfg.ways,
+                               max(cfg.shots, *cfg.test_shots) + max(cfg.queries, cfg.test_queries))
+        except _runs.UserError as e:  # the loaders name hyperrep's option; this job's is --task
+            raise _runs.UserError(str(e).replace("--dataset", "--task")) from None
     tasks_at(cfg, 0, pools=pools)
     return pools
 
