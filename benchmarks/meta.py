@@ -294,7 +294,8 @@ def _sync(device: str) -> None:
 def time_interleaved(fns: dict[str, Callable[[Setup], Named]], s: Setup, repeats: int,
                      device: str) -> dict[str, tuple[list[float], list[float], Named] | str]:
     """Wall and process-CPU seconds of ``repeats`` calls of each method after a warm-up, the
-    methods taking turns (round r of every method, then round r + 1): on a shared machine
+    methods taking turns (round r of every method, then round r + 1, a different method
+    first in each round: the one after a loop-based peer meets a colder cache): on a shared machine
     the load drifts over seconds, and timing one method's repeats after the other's would
     charge the drift to the ratios.  CPU time is the steadier measure there (the wall time
     also counts other processes).  A method that raises gets its error message instead."""
@@ -308,8 +309,13 @@ def time_interleaved(fns: dict[str, Callable[[Setup], Named]], s: Setup, repeats
             result[name] = ([], [], None)
         except Exception as err:  # noqa: BLE001 - a peer that breaks is reported, the rest go on
             result[name] = _error(err)
-    for _ in range(repeats):
-        for name, fn in list(live.items()):
+    for rnd in range(repeats):
+        names = list(fns)
+        names = names[rnd % len(names):] + names[: rnd % len(names)]  # each method leads in turn (cache state)
+        for name in names:
+            if name not in live:
+                continue
+            fn = live[name]
             times, cpu, _ = result[name]
             try:
                 t0, c0 = time.perf_counter(), time.process_time()
