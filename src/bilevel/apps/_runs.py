@@ -289,6 +289,21 @@ def figure(*, ncols: int = 1, nrows: int = 1, size: tuple[float, float] | None =
     return fig, (axes[0, 0] if nrows == ncols == 1 else axes.flat[:] if nrows == 1 or ncols == 1 else axes)
 
 
+def accuracy_bars(ax: Any, test: dict[str, Any], shots: list[Any], ways: int, title: str) -> None:
+    """Few-shot test accuracy (%) as grouped bars with 95% intervals: one group per shot count,
+    one bar per method; ``test[method][str(shots)]`` holds ``accuracy`` and ``ci95`` (fractions)."""
+    names, keys = list(test), [str(k) for k in shots]
+    width = 0.8 / len(names)
+    for i, name in enumerate(names):
+        acc = [100 * test[name][k]["accuracy"] for k in keys]
+        ci = [100 * test[name][k]["ci95"] for k in keys]
+        ax.bar([j + i * width for j in range(len(keys))], acc, width, yerr=ci, label=name,
+               color=PALETTE[i % len(PALETTE)])
+    ax.set_xticks([j + width * (len(names) - 1) / 2 for j in range(len(keys))], [f"{ways}-way {k}-shot" for k in keys])
+    ax.set(ylabel="test accuracy (%)", title=title)
+    ax.legend(fontsize=8)
+
+
 def config_kwargs(args: argparse.Namespace, quick: dict[str, Any], counts: dict[str, int]) -> dict[str, Any]:
     """Keyword arguments of a job's Config: the --quick settings, the seed, and every count
     option given on the command line (``counts``: option name -> its least value)."""

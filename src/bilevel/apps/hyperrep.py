@@ -394,18 +394,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
     ax1b.set_ylabel("query accuracy")
     ax1.legend(loc="upper left", fontsize=8)
     ax1b.legend(loc="upper right", fontsize=8)
-    names = list(results["test"])
-    shots = [str(k) for k in results["config"]["test_shots"]]
-    width = 0.8 / len(names)
-    for i, name in enumerate(names):
-        acc = [100 * results["test"][name][k]["accuracy"] for k in shots]
-        ci = [100 * results["test"][name][k]["ci95"] for k in shots]
-        ax2.bar([j + i * width for j in range(len(shots))], acc, width, yerr=ci, label=name,
-                color=_runs.PALETTE[i % len(_runs.PALETTE)])
-    ax2.set_xticks([j + width * (len(names) - 1) / 2 for j in range(len(shots))],
-                   [f"{results['config']['ways']}-way {k}-shot" for k in shots])
-    ax2.set(ylabel="test accuracy (%)", title="Meta-test episodes (95% intervals)")
-    ax2.legend(fontsize=8)
+    _runs.accuracy_bars(ax2, results["test"], results["config"]["test_shots"], results["config"]["ways"],
+                        "Meta-test episodes (95% intervals)")
     fig.savefig(path, dpi=110)
 
 

@@ -547,19 +547,9 @@ def plot(results: dict[str, Any], path: Path) -> None:
                 yscale="log", title="Meta-training")
     axes[0].legend(fontsize=8)
     if images:
-        ax = axes[1]
         cfg = results["config"]
-        names, shots = list(results["test"]), [str(k) for k in cfg["test_shots"]]
-        width = 0.8 / len(names)
-        for i, name in enumerate(names):
-            acc = [100 * results["test"][name][k]["accuracy"] for k in shots]
-            ci = [100 * results["test"][name][k]["ci95"] for k in shots]
-            ax.bar([j + i * width for j in range(len(shots))], acc, width, yerr=ci, label=name,
-                   color=_runs.PALETTE[i % len(_runs.PALETTE)])
-        ax.set_xticks([j + width * (len(names) - 1) / 2 for j in range(len(shots))],
-                      [f"{cfg['ways']}-way {k}-shot" for k in shots])
-        ax.set(ylabel="test accuracy (%)", title=f"{cfg['task']}: meta-test episodes (95% intervals)")
-        ax.legend(fontsize=8)
+        _runs.accuracy_bars(axes[1], results["test"], cfg["test_shots"], cfg["ways"],
+                            f"{cfg['task']}: meta-test episodes (95% intervals)")
     for m in METHODS:
         rows = sorted((r for r in results["sweep"] if r["method"] == m), key=lambda r: r["inner_steps"])
         Ts = [r["inner_steps"] for r in rows]
