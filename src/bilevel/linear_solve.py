@@ -260,7 +260,7 @@ _BREAKDOWN = 1e3
 
 def _safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     """num / den, and 0 where den == 0 (a converged or broken-down Krylov step)."""
-    return torch.where(den != 0, num / torch.where(den != 0, den, torch.ones_like(den)), 0 * num)
+    return num / torch.where(den != 0, den, torch.full_like(den, math.inf))
 
 
 def _relative(res: torch.Tensor, bnorm: torch.Tensor) -> torch.Tensor:
@@ -355,7 +355,10 @@ def _cg(matvec: MatVec, b: Leaves, x: Leaves | None, maxiter: int, tol: float, p
         # convergence <p, Ap> is rounding noise and may be <= 0 on a positive definite A
         live = rr > noise
         broken = live & (pap <= _BREAKDOWN * eps * pp * anorm)
-        neg = broken & ~_in_null_space(T.vdot(ap, ap), pp, anorm, eps)
+        if mon.every == 1 and not bool(values(broken).any()):  # read every iteration anyway: ‖A p‖ only if needed
+            neg = broken
+        else:
+            neg = broken & ~_in_null_space(T.vdot(ap, ap), pp, anorm, eps)
         if truncated is not None:  # stop the row here: its iterate and residual stay as they are
             halted, neg = halted | neg, neg & False
         bad_neg, bad_null = bad_neg | neg, bad_null | (broken & ~neg & ~halted)
@@ -369,9 +372,10 @@ def _cg(matvec: MatVec, b: Leaves, x: Leaves | None, maxiter: int, tol: float, p
         z = r if precond is None else precond(r)
         rho_new = T.vdot(r, z)
         rr = rho_new if precond is None else T.vdot(r, r)
-        p = T.axpy(_safe_div(rho_new, rho), p, z)
+        beta = _safe_div(rho_new, rho)
+        p = T.axpy(beta, p, z)
         if lanczos is not None:  # with whether the residual was above rounding (else the coefficients are noise)
-            lanczos.append((_safe_div(rho, pap), _safe_div(rho_new, rho), live))
+            lanczos.append((_safe_div(rho, pap), beta, live))
         rho = rho_new
         k += 1
         if not (k % mon.every) and bool(values(bad_neg | bad_null | bad_pc).any()):
