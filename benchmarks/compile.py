@@ -157,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "compile.json"))
     args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("compile.py: --device cuda, but torch sees no CUDA device here; nothing measured.")
+        return 0
     threads = configure_threads(args.threads)
     warnings.simplefilter("ignore", bilevel.ConvergenceWarning)  # tol = 0: exactly K iterations, by design
     rows, records = [], []
