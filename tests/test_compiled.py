@@ -94,6 +94,16 @@ def test_inner_residual_nan_and_unreached_hparams():
         fn(inst.w_star, {"lam": inst.hparams, "unused": torch.ones(2, dtype=torch.float64)})
 
 
+def test_refuses_torch_func_transforms():
+    inst = ridge(1, 10.0)
+    fn = bilevel.compiled_hypergrad(inst.outer_loss, inner_loss=inst.inner_loss, maxiter=4, backend=BACKEND)
+    lams = torch.stack([inst.hparams, inst.hparams])
+    with pytest.raises(NotImplementedError, match="compiled_hypergrad: called under torch.func Vmap.*hypergrad"):
+        torch.func.vmap(lambda lam: fn(inst.w_star, lam)[0])(lams)
+    with pytest.raises(NotImplementedError, match="Grad"):
+        torch.func.grad(lambda lam: fn(inst.w_star, lam)[0].sum())(inst.hparams)
+
+
 @pytest.mark.parametrize("bad", [0, -1, 2.5, True])
 def test_options_are_checked(bad):
     inst = ridge(0, 10.0)

@@ -30,6 +30,7 @@ from torch.func import grad, vjp
 from bilevel import _tree as T
 from bilevel._checks import (
     SolverError,
+    active_transforms,
     check_count,
     check_finite,
     check_inner_solution,
@@ -38,6 +39,7 @@ from bilevel._checks import (
     check_tol,
     inner_scale,
     leaves_pair,
+    no_transform,
     scalar,
     unreached,
     warn_unconverged,
@@ -136,6 +138,11 @@ def compiled_hypergrad(
     graphs: dict[tuple[Any, Any], Callable[..., Any]] = {}  # one compiled step per (params, hparams) structure
 
     def hypergrad_fn(params: Any, hparams: Any) -> tuple[Any, HypergradInfo]:
+        if not no_transform():  # torch.compile cannot be entered from inside vmap/grad/jvp
+            raise NotImplementedError(
+                f"compiled_hypergrad: called under torch.func {'/'.join(sorted(active_transforms()))}, which a "
+                "compiled graph cannot be entered from. Use bilevel.hypergrad there (it runs under vmap, grad "
+                "and jvp), or compile the whole transformed function yourself.")
         (w, wspec), (lam, lspec) = leaves_pair(params, hparams, "params")
         w, lam = [t.detach() for t in w], [t.detach() for t in lam]
         check_input_finite(w, "params")
