@@ -124,7 +124,9 @@ def compiled_hypergrad(
     and needs a C++ compiler on CPU; ``"aot_eager"`` only traces).
 
     Compile once, call many times: the first call for given shapes and dtypes compiles (seconds
-    to a minute), later calls reuse the graph.  Worth it for small problems and many calls;
+    to a minute), later calls reuse the graph.  Data the losses close over is read when the
+    graph runs: update a minibatch in place (``X.copy_(batch)``); binding a new tensor to the
+    name makes torch.compile trace again.  Worth it for small problems and many calls;
     measured in ``benchmarks/compile.py``.  Reverse mode through the result is not supported:
     it is detached.
     """
