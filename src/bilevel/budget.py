@@ -85,7 +85,8 @@ def _steps_needed(k: torch.Tensor, norms: Leaves, target: float) -> int:
     m = min(len(norms) - 1, _RATE_WINDOW)
     if m < 1:
         return 1
-    rate = (norms[-1].clamp(min=1e-300) / norms[-1 - m].clamp(min=1e-300)) ** (1.0 / m)
+    tiny = torch.finfo(norms[-1].dtype).tiny  # a step of exactly 0 (converged) decays at rate 0, not NaN
+    rate = (norms[-1].clamp(min=tiny) / norms[-1 - m].clamp(min=tiny)) ** (1.0 / m)
     need = torch.log(pred / target) / -torch.log(rate)
     need = torch.where((pred <= target) | (rate >= 1) | ~torch.isfinite(need), torch.full_like(need, -1.0), need)
     n = worst(need)
