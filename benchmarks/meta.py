@@ -516,6 +516,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print("meta.py: --device cuda, but torch sees no CUDA device here; nothing measured.")
+        return 0
     threads = configure_threads(args.threads)
     args.threads_used = threads["threads"]
     rows = run(args)
