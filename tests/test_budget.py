@@ -137,3 +137,21 @@ def test_aid_bilevel_with_tol_shrinks_eps():
     assert all(i.hypergrad_error is not None for i in infos)
     assert infos[-1].hypergrad_error <= 1e-2 / 8 ** 0.5 * 1.0001
     assert torch.isfinite(state.hparams).all()
+
+
+def test_itd_bilevel_estimates_its_error():
+    """ITDBilevel(estimate=True): each step's ITD hypergradient comes with hypergrad_error's
+    estimate, which bounds its true error (here at the first step, where ∇F is known)."""
+    inst = ridge(7, 10.0)
+    eta = 0.5
+    solver = bilevel.ITDBilevel(inst.outer_loss, inst.w0, inner_loss=inst.inner_loss, lr=1.0, inner_steps=15,
+                                inner_step_size=eta, estimate=True)
+    state = solver.init(inst.hparams)
+    new, info = solver.step(state)
+    hg = inst.hparams - new.hparams  # λ ← λ − lr·ĝ with lr = 1
+    true = (hg - inst.exact).norm().item()
+    assert info.hypergrad_error is not None and info.hypergrad_error >= true > 1e-8
+    plain = bilevel.ITDBilevel(inst.outer_loss, inst.w0, inner_loss=inst.inner_loss, lr=1.0, inner_steps=15,
+                               inner_step_size=eta)
+    _, pinfo = plain.step(plain.init(inst.hparams))
+    assert pinfo.hypergrad_error is None and info.samples > pinfo.samples

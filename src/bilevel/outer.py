@@ -54,6 +54,7 @@ from bilevel._checks import (
 from bilevel.budget import hypergrad_within, iterate
 from bilevel.ift import hypergrad
 from bilevel.linear_solve import CG, FixedPoint, Solver, check_solver
+from bilevel.reference import hypergrad_error
 from bilevel.stochastic import (
     BatchStream,
     StepSize,
@@ -116,7 +117,7 @@ class OuterInfo:
     (``‖ĝ_s‖``), ``inner_residual`` and ``linear_residual`` (estimates; ``nan`` where a
     method has no linear system), ``outer_loss`` (at ``w_s``), ``samples`` (this step) and
     ``total_samples`` (so far); ``hypergrad_error``: the estimated ``‖ĝ_s − ∇F(λ_s)‖``
-    (:class:`AIDBilevel` with ``tol``; else ``None``)."""
+    (:class:`AIDBilevel` with ``tol``, :class:`ITDBilevel` with ``estimate=True``; else ``None``)."""
 
     step: int
     hypergrad_norm: float
@@ -395,6 +396,9 @@ class ITDBilevel(_DeterministicLoop):
     hypergradient :class:`~bilevel.SolverError`; an ``hparams`` leaf with no autograd path
     to the outer loss through the unroll (its hypergradient would be a structural zero)
     ``ValueError`` naming it, as :class:`AIDBilevel` (through :func:`bilevel.hypergrad`).
+    ``estimate=True``: ``OuterInfo.hypergrad_error`` estimates each step's ITD error by
+    :func:`bilevel.hypergrad_error` at ``w_T`` (one AID solve and estimate more per step,
+    counted in ``samples``).
     """
 
     outer_loss: Callable[[Any, Any], torch.Tensor]
@@ -409,9 +413,12 @@ class ITDBilevel(_DeterministicLoop):
     _least_inner_steps = 1  # an unroll of 0 steps has no hypergradient (not a field: no annotation)
     projection: Callable[[Any], Any] | None = None
     data_size: int = 1
+    estimate: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if not isinstance(self.estimate, bool):
+            raise TypeError(f"ITDBilevel: estimate should be True or False, not {self.estimate!r}.")
         if self.truncate is not None and check_count("truncate", self.truncate, 1) > self.inner_steps:
             raise ValueError(f"truncate should be None or an int in [1, inner_steps={self.inner_steps}], "
                              f"not {self.truncate!r}.")
@@ -451,6 +458,12 @@ class ITDBilevel(_DeterministicLoop):
         new_lam = _descend(state.hparams, T.tree_unflatten(hg, lspec), as_step_size(self.lr, "lr"), state.step,
                            self.projection)
         used = self.data_size * (2 * self.inner_steps + 2)  # forward + backward through the unroll
+        error = None
+        if self.estimate:  # judged against AID at w_T: ‖ĝ − ĝ_AID‖ + AID's estimate (bilevel.hypergrad_error)
+            form = {"inner_loss": self.inner_loss} if self.inner_loss is not None else {"fixed_point": self.fixed_point}
+            err = hypergrad_error(T.tree_unflatten(hg, lspec), self.outer_loss, w_det, lam_det, **form)
+            error, used = float(err.total), used + self.data_size * err.products
         total = state.samples + used
-        out = OuterInfo(state.step, item(T.norm(hg)), item(res), math.nan, item(loss.detach()), used, total)
+        out = OuterInfo(state.step, item(T.norm(hg)), item(res), math.nan, item(loss.detach()), used, total,
+                        hypergrad_error=error)
         return replace(state, hparams=new_lam, params=w_det, v=None, step=state.step + 1, samples=total), out
