@@ -53,6 +53,7 @@ from bilevel._checks import (
 from bilevel.error import AIDError, ErrorEstimate, ritz_values
 from bilevel.linear_solve import (
     CG,
+    GMRES,
     SYMMETRIC_SOLVERS,
     Dense,
     FixedPoint,
@@ -85,8 +86,9 @@ class HypergradInfo:
     ``tol=``.  An estimate, not a guarantee: see :mod:`bilevel.error`.  ``contraction``: the
     estimated ``q̂`` (``‖∂_wΦ‖``, or ``1 − μ̂/L̂`` for an inner_loss); from the estimate when
     there is one, else where the solve gives it for free (no extra product, outside torch.func
-    transforms): CG on an inner_loss (its Lanczos coefficients), FixedPoint/Neumann with
-    step 1 on a fixed_point from ``v = 0`` (the mean residual decay); else ``None``.
+    transforms): CG on an inner_loss (its Lanczos coefficients), GMRES on a fixed_point (its
+    first Hessenberg matrix), FixedPoint/Neumann with step 1 on a fixed_point from ``v = 0``
+    (the mean residual decay); else ``None``.
     ``inner_iterations``: inner steps run (by :func:`bilevel.hypergrad_within`; else 0).
     ``damping``: the ``δ`` of the damped system ``(A + δI) v = b`` that was solved.
     """
@@ -463,12 +465,15 @@ def _hypergrad(outer_loss, w, lam, wspec, lspec, inner_loss, fixed_point, solver
                              f"got {T.describe(init)}.")
     pc = None if precond is None else checked_output(T.flat_fn(precond, wspec), w, "precond")
 
+    arnoldi: list = []  # GMRES's first Hessenberg columns, for the free contraction
+
     def solve_once(slv: Solver, start: Leaves | None) -> tuple[Leaves, Any, Leaves, list]:
         lanczos: list = []
         # CG's Lanczos coefficients cost ~10 scalar ops per iteration (under vmap, as many dispatches): only
         # for the estimate.  v is checked finite in the solve
         wanted = estimate or (free_contraction and isinstance(slv, CG))
-        v, sinfo = _solve(op, gw, slv, start, pc, lanczos if pc is None and wanted else None)
+        v, sinfo = _solve(op, gw, slv, start, pc, lanczos if pc is None and wanted else None,
+                          arnoldi if free_contraction and not estimate and isinstance(slv, GMRES) else None)
         return v, sinfo, op.cross(v), lanczos
 
     err = None
@@ -484,7 +489,8 @@ def _hypergrad(outer_loss, w, lam, wspec, lspec, inner_loss, fixed_point, solver
         if estimate:
             err = estimator(v, cross_v, lanczos)
         elif free_contraction:
-            q = _solver_contraction(solver, sinfo, lanczos, x0 is None and pc is None, inner_loss is not None, gw[0])
+            q = _solver_contraction(solver, sinfo, lanczos, arnoldi, x0 is None and pc is None,
+                                    inner_loss is not None, gw[0])
     else:
         v, sinfo, cross_v, err = _meet_tol(solve_once, estimator, solver, x0, tol)
     hg = T.add(gl, cross_v)
@@ -493,12 +499,20 @@ def _hypergrad(outer_loss, w, lam, wspec, lspec, inner_loss, fixed_point, solver
     return hg, v, sinfo, op, fval, err, q
 
 
-def _solver_contraction(solver: Solver, sinfo: Any, lanczos: list, cold: bool, optimality: bool,
+def _solver_contraction(solver: Solver, sinfo: Any, lanczos: list, arnoldi: list, cold: bool, optimality: bool,
                         like: torch.Tensor) -> float | None:
     """``q̂`` from what the linear solve gave for free (no extra product): CG's Lanczos
-    tridiagonal (``1 − μ̂/L̂``, the extreme Ritz values of ``H``), or a Richardson/Neumann run
-    with step 1 on the fixed-point form from ``v = 0``, whose residual after K iterations is
+    tridiagonal (``1 − μ̂/L̂``, the extreme Ritz values of ``H``); GMRES's first Hessenberg
+    matrix on the fixed-point form (``A = (I − ∂_wΦ)ᵀ``: ``q̂ = max |1 − θ|`` over its Ritz
+    values θ, a spectral-radius estimate of ``∂_wΦ``); or a Richardson/Neumann run with step 1
+    on the fixed-point form from ``v = 0``, whose residual after K iterations is
     ``(∂_wΦ)ᵀᴷ b`` (``q̂ = (‖r_K‖/‖b‖)^{1/K}``, the mean rate).  ``None`` for other solvers."""
+    if isinstance(solver, GMRES) and not optimality and arnoldi:
+        m, zero = len(arnoldi), torch.zeros((), dtype=like.real.dtype, device=like.device)
+        hess = torch.stack([torch.stack([*col[:m], *[zero] * (m - len(col[:m]))]) for col in arnoldi], 1)
+        if not bool(torch.isfinite(hess).all()):
+            return None
+        return float((1 - torch.linalg.eigvals(hess)).abs().max())
     if isinstance(solver, CG) and optimality:
         ritz = ritz_values(lanczos, like)
         if ritz is None:
@@ -511,7 +525,7 @@ def _solver_contraction(solver: Solver, sinfo: Any, lanczos: list, cold: bool, o
 
 
 def _solve(op: ImplicitOperator, b: Leaves, solver: Solver, x0: Leaves | None, pc: Callable[[Leaves], Leaves] | None,
-           lanczos: list | None) -> tuple[Leaves, Any]:
+           lanczos: list | None, arnoldi: list | None = None) -> tuple[Leaves, Any]:
     """``solve_leaves`` on ``A v = b``; under a torch.func transform, on one flat vector.
 
     There every tensor op pays a batching-rule dispatch, and a Krylov iteration's vector
@@ -520,7 +534,7 @@ def _solve(op: ImplicitOperator, b: Leaves, solver: Solver, x0: Leaves | None, p
     the sums in the inner products."""
     rmatvec = op.rmatvec if isinstance(solver, NormalCG) else None
     if no_transform() or len(b) == 1:
-        return solve_leaves(op.matvec, b, solver, x0, rmatvec, pc, lanczos)
+        return solve_leaves(op.matvec, b, solver, x0, rmatvec, pc, lanczos, arnoldi)
     sizes, shapes = [t.numel() for t in b], [t.shape for t in b]
 
     def flat(leaves: Leaves) -> Leaves:
@@ -533,7 +547,7 @@ def _solve(op: ImplicitOperator, b: Leaves, solver: Solver, x0: Leaves | None, p
         return None if fn is None else lambda x: flat(fn(unflat(x)))
 
     x, sinfo = solve_leaves(on_flat(op.matvec), flat(b), solver, None if x0 is None else flat(x0),  # type: ignore[arg-type]
-                            on_flat(rmatvec), on_flat(pc), lanczos)
+                            on_flat(rmatvec), on_flat(pc), lanczos, arnoldi)
     return unflat(x), sinfo
 
 

@@ -503,7 +503,8 @@ def _minres(matvec: MatVec, b: Leaves, x: Leaves | None, maxiter: int, tol: floa
     return x, k, _relative(phibar.abs(), bnorm), broke, anorm
 
 
-def _gmres(matvec: MatVec, b: Leaves, x: Leaves | None, maxiter: int, tol: float, restart: int):
+def _gmres(matvec: MatVec, b: Leaves, x: Leaves | None, maxiter: int, tol: float, restart: int,
+           arnoldi: list | None = None):
     # Arnoldi (modified Gram–Schmidt) + Givens rotations, so |g_{j+1}| is the residual of
     # the j-th iterate and the tolerance is checked every step, not only at restarts.  A new
     # Arnoldi vector of rounding size is a breakdown (the Krylov space is invariant): the
@@ -537,6 +538,8 @@ def _gmres(matvec: MatVec, b: Leaves, x: Leaves | None, maxiter: int, tol: float
                 w = T.axpy(-hij, v, w)
                 h.append(hij)
             hn = T.norm(w)
+            if arnoldi is not None and k < restart:  # the first cycle's Hessenberg: Ritz values of A, free
+                arnoldi.append([*h, hn])
             # breakdown, or a row that has converged: no further direction for that row
             live = live & (hn > _BREAKDOWN * eps * wnorm)
             if mon.batched:
@@ -655,6 +658,7 @@ def solve_leaves(
     rmatvec: MatVec | None = None,
     precond: MatVec | None = None,
     lanczos: list | None = None,
+    arnoldi: list | None = None,
 ) -> tuple[Leaves, SolveInfo]:
     """:func:`solve` on flat lists of leaves (no pytree handling); the core calls this.
 
@@ -662,8 +666,10 @@ def solve_leaves(
     ``x`` (one extra matvec for the Krylov solvers, whose recurrences can drift from it);
     ``converged`` means it is within ``tol`` (or at the rounding floor of the dtype).
     A Krylov breakdown that leaves the residual large raises :class:`SingularSystemError`.
-    ``lanczos``: a list that CG fills with its coefficients ``(α_k, β_k, live_k)`` (other solvers
-    leave it empty), for the spectrum estimates of :mod:`bilevel.error`.
+    ``lanczos``: a list that CG fills with its coefficients ``(α_k, β_k, live_k)``, and
+    ``arnoldi`` one that GMRES fills with the columns ``[h_0j, …, h_jj, h_{j+1,j}]`` of its first
+    cycle's Hessenberg matrix (other solvers leave them empty), for the spectrum estimates of
+    :mod:`bilevel.error`.
     """
     check_solver(solver)
     name = type(solver).__name__
@@ -683,7 +689,7 @@ def solve_leaves(
     elif isinstance(solver, MINRES):
         x, k, res, broke, anorm = _minres(matvec, b, init, solver.maxiter, solver.tol)
     elif isinstance(solver, GMRES):
-        x, k, res, broke, anorm = _gmres(matvec, b, init, solver.maxiter, solver.tol, solver.restart)
+        x, k, res, broke, anorm = _gmres(matvec, b, init, solver.maxiter, solver.tol, solver.restart, arnoldi)
     elif isinstance(solver, NormalCG):
         if rmatvec is None:
             raise ValueError(
