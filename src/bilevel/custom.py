@@ -76,9 +76,9 @@ class ImplicitInfo:
     the linear solve ``(∂_w F)ᵀ v = u``.  ``inner_residual``: ``‖F(params_star, λ)‖``, i.e.
     ``‖∇_w g‖``, ``‖Φ(w, λ) − w‖`` or ``‖root‖`` — how far the solver's output is from
     satisfying the optimality condition the gradient assumes.  With ``estimate=True``:
-    ``error_estimate`` estimates an upper bound on ``‖v̂ᵀ∂_θ F − u ᵀ dw*/dθ‖``, the error of
-    the vector–Jacobian product for the cotangent ``u`` given (inner and linear-system parts,
-    :mod:`bilevel.error`), ``contraction`` and ``error`` as in
+    ``error_estimate`` estimates an upper bound on the error of the vector–Jacobian product
+    ``uᵀ dw*/dθ`` the backward returned, for the cotangent ``u`` it received (inner and
+    linear-system parts, :mod:`bilevel.error`); ``contraction`` and ``error`` as in
     :class:`~bilevel.HypergradInfo`; else ``None``.  Under ``vmap`` the float and bool
     fields are batched tensors.
     """
