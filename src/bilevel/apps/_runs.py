@@ -204,6 +204,16 @@ def one_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
+def run_small(run: Callable[..., dict[str, Any]], cfg: Any, out: Path, args: argparse.Namespace,
+              device: torch.device) -> dict[str, Any]:
+    """``run(cfg, out, ...)`` with the options every job has (--resume, --no-progress,
+    --checkpoint-every) on ``device``; on the CPU with one thread (:func:`one_thread`): the
+    jobs' small networks run fastest so."""
+    with one_thread() if device.type == "cpu" else contextlib.nullcontext():
+        return run(cfg, out, resume=args.resume, show=not args.no_progress, every=args.checkpoint_every,
+                   device=device)
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse whose usage errors are :class:`UserError` (one line, status 2 from
     :func:`run_job`) instead of a usage block and ``SystemExit``."""

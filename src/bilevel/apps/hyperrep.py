@@ -39,7 +39,6 @@ Reported: mean test accuracy over ``test_episodes`` episodes (≥ 600 by default
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import math
 import time
@@ -429,10 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config_from_args(args)
     device = _runs.resolve_device(args.device)
     out = Path(args.out)
-    ctx = _runs.one_thread() if device.type == "cpu" else contextlib.nullcontext()
-    with ctx:
-        res = run(cfg, out, resume=args.resume, show=not args.no_progress, every=args.checkpoint_every,
-                  device=device)
+    res = _runs.run_small(run, cfg, out, args, device)
     print(table(res))
     t = res["timings"]
     print(f"learned ρ = {res['learned']['ridge']:.3g}, logit scale s = {res['learned']['scale']:.3g}; time: "

@@ -39,7 +39,6 @@ freed tensors return to the kernel; Linux's clear_refs resets the mark); on CUDA
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import math
 import statistics
@@ -603,10 +602,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config_from_args(args)
     device = _runs.resolve_device(args.device)
     out = Path(args.out)
-    ctx = _runs.one_thread() if device.type == "cpu" else contextlib.nullcontext()
-    with ctx:  # small networks: one thread is fastest on CPU
-        res = run(cfg, out, resume=args.resume, show=not args.no_progress, every=args.checkpoint_every,
-                  device=device)
+    res = _runs.run_small(run, cfg, out, args, device)
     print(tables(res))
     t = res["timings"]
     print(f"time: {t['train_seconds']:.0f}s meta-training ({cfg.meta_steps} steps x 3 methods), "
