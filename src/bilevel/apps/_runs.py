@@ -204,13 +204,13 @@ def one_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def run_small(run: Callable[..., dict[str, Any]], cfg: Any, out: Path, args: argparse.Namespace,
-              device: torch.device) -> dict[str, Any]:
-    """``run(cfg, out, ...)`` with the options every job has (--resume, --no-progress,
-    --checkpoint-every) on ``device``; on the CPU with one thread (:func:`one_thread`): the
+def run_small(run: Callable[..., dict[str, Any]], cfg: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """``run(cfg, out, ...)`` with the options every job has (--out, --device, --resume,
+    --no-progress, --checkpoint-every); on the CPU with one thread (:func:`one_thread`): the
     jobs' small networks run fastest so."""
+    device = resolve_device(args.device)
     with one_thread() if device.type == "cpu" else contextlib.nullcontext():
-        return run(cfg, out, resume=args.resume, show=not args.no_progress, every=args.checkpoint_every,
+        return run(cfg, Path(args.out), resume=args.resume, show=not args.no_progress, every=args.checkpoint_every,
                    device=device)
 
 

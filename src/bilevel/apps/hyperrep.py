@@ -426,9 +426,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     cfg = config_from_args(args)
-    device = _runs.resolve_device(args.device)
+    res = _runs.run_small(run, cfg, args)
     out = Path(args.out)
-    res = _runs.run_small(run, cfg, out, args, device)
     print(table(res))
     t = res["timings"]
     print(f"learned ρ = {res['learned']['ridge']:.3g}, logit scale s = {res['learned']['scale']:.3g}; time: "

@@ -600,9 +600,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     cfg = config_from_args(args)
-    device = _runs.resolve_device(args.device)
+    res = _runs.run_small(run, cfg, args)
     out = Path(args.out)
-    res = _runs.run_small(run, cfg, out, args, device)
     print(tables(res))
     t = res["timings"]
     print(f"time: {t['train_seconds']:.0f}s meta-training ({cfg.meta_steps} steps x 3 methods), "
