@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from problems import newton
+from problems import linear_fp_parts, logistic_losses, newton
 
 F64 = torch.float64
 
@@ -87,15 +87,7 @@ def logistic(seed: int, kappa: float, d: int = 8, n: int = 40) -> Instance:
     Xv = torch.randn(n, d, generator=g, dtype=F64) * scale
     yv = torch.sign(Xv @ torch.randn(d, generator=g, dtype=F64))
     lam = torch.log(0.25 * scale.min() ** 2 * (0.5 + torch.rand(d, generator=g, dtype=F64)))
-
-    def data_loss(w, X, y):
-        return torch.nn.functional.softplus(-y * (X @ w)).mean()
-
-    def inner_loss(w, lam):
-        return data_loss(w, X, y) + 0.5 * (lam.exp() * w**2).sum()
-
-    def outer_loss(w, lam):
-        return data_loss(w, Xv, yv)
+    inner_loss, outer_loss = logistic_losses(X, y, Xv, yv)
 
     def grad_g(w, lam):  # analytic: the tests run thousands of inner steps
         return -X.T @ (y * torch.sigmoid(-y * (X @ w))) / n + lam.exp() * w
@@ -134,16 +126,7 @@ def linear_contraction(seed: int, kappa: float, d: int = 10, m: int = 4) -> Inst
     B = torch.randn(d, m, generator=g, dtype=F64)
     c, t = torch.randn(d, generator=g, dtype=F64), torch.randn(d, generator=g, dtype=F64)
     lam = torch.randn(m, generator=g, dtype=F64)
-    eye = torch.eye(d, dtype=F64)
-    w = torch.linalg.solve(eye - A, B @ lam + c)
-    exact = B.T @ torch.linalg.solve((eye - A).T, w - t) + 0.1 * lam
-
-    def fixed_point(w, lam):
-        return A @ w + B @ lam + c
-
-    def outer_loss(w, lam):
-        return 0.5 * ((w - t) ** 2).sum() + 0.05 * (lam**2).sum()
-
+    w, exact, fixed_point, outer_loss = linear_fp_parts(A, B, c, t, lam)
     return Instance("linear_fp", kappa, w, lam, exact, outer_loss, fixed_point, torch.zeros(d, dtype=F64),
                     fixed_point=fixed_point)
 

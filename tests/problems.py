@@ -61,14 +61,9 @@ def ridge(n=40, d=8, seed=0, dtype=torch.float64) -> Problem:
     return Problem("ridge", w, lam, outer_loss, exact, inner_loss, step, step, torch.zeros_like(w))
 
 
-def logistic(n=60, d=6, seed=1, dtype=torch.float64) -> Problem:
-    """g = mean log(1 + e^{−y·Xw}) + ½ Σ e^{λ_j} w_j²,  f = same data loss on validation."""
-    X, _, g = _data(n, d, seed, dtype)
-    y = torch.sign(X.double() @ torch.randn(d, generator=g, dtype=torch.float64)
-                   + 0.3 * torch.randn(n, generator=g, dtype=torch.float64)).to(dtype)
-    Xv, _, _ = _data(n, d, seed + 100, dtype)
-    yv = torch.sign(Xv[:, 0] + 0.1)
-    lam = torch.linspace(-3, -1, d, dtype=dtype)
+def logistic_losses(X, y, Xv, yv):
+    """Per-feature-L2 logistic regression: ``g = mean log(1 + e^{−y·Xw}) + ½ Σ e^{λ_j} w_j²``
+    on ``(X, y)``, ``f`` the same data loss on ``(Xv, yv)``."""
 
     def data_loss(w, X, y):
         return torch.nn.functional.softplus(-y * (X @ w)).mean()
@@ -79,6 +74,18 @@ def logistic(n=60, d=6, seed=1, dtype=torch.float64) -> Problem:
     def outer_loss(w, lam):
         return data_loss(w, Xv, yv)
 
+    return inner_loss, outer_loss
+
+
+def logistic(n=60, d=6, seed=1, dtype=torch.float64) -> Problem:
+    """g = mean log(1 + e^{−y·Xw}) + ½ Σ e^{λ_j} w_j²,  f = same data loss on validation."""
+    X, _, g = _data(n, d, seed, dtype)
+    y = torch.sign(X.double() @ torch.randn(d, generator=g, dtype=torch.float64)
+                   + 0.3 * torch.randn(n, generator=g, dtype=torch.float64)).to(dtype)
+    Xv, _, _ = _data(n, d, seed + 100, dtype)
+    yv = torch.sign(Xv[:, 0] + 0.1)
+    lam = torch.linspace(-3, -1, d, dtype=dtype)
+    inner_loss, outer_loss = logistic_losses(X, y, Xv, yv)
     w = newton(inner_loss, torch.zeros(d, dtype=dtype), lam)
     H = torch.func.hessian(inner_loss)(w, lam)
     gw = torch.func.grad(outer_loss)(w, lam)
@@ -97,7 +104,14 @@ def linear_fixed_point(d=10, m=4, seed=2, q=0.8, dtype=torch.float64) -> Problem
     A = torch.randn(d, d, generator=g, dtype=torch.float64)
     A = (q * A / torch.linalg.matrix_norm(A, ord=2)).to(dtype)
     B, c, t, lam = (torch.randn(*s, generator=g, dtype=torch.float64).to(dtype) for s in [(d, m), (d,), (d,), (m,)])
-    eye = torch.eye(d, dtype=dtype)
+    w, exact, fixed_point, outer_loss = linear_fp_parts(A, B, c, t, lam)
+    return Problem("linear_fp", w, lam, outer_loss, exact, None, fixed_point, fixed_point, torch.zeros_like(w))
+
+
+def linear_fp_parts(A, B, c, t, lam):
+    """For Φ(w, λ) = A w + B λ + c and f = ½‖w − t‖² + 0.05‖λ‖²: the fixed point w*, the exact
+    hypergradient ``Bᵀ (I − A)⁻ᵀ (w* − t) + 0.1 λ``, Φ and f."""
+    eye = torch.eye(A.shape[0], dtype=A.dtype)
     w = torch.linalg.solve(eye - A, B @ lam + c)
     exact = B.T @ torch.linalg.solve((eye - A).T, w - t) + 0.1 * lam
 
@@ -107,7 +121,7 @@ def linear_fixed_point(d=10, m=4, seed=2, q=0.8, dtype=torch.float64) -> Problem
     def outer_loss(w, lam):
         return 0.5 * ((w - t) ** 2).sum() + 0.05 * (lam**2).sum()
 
-    return Problem("linear_fp", w, lam, outer_loss, exact, None, fixed_point, fixed_point, torch.zeros_like(w))
+    return w, exact, fixed_point, outer_loss
 
 
 def ridge_dict(seed=3, dtype=torch.float64) -> Problem:
