@@ -24,10 +24,12 @@ Median wall time of ``--repeats`` calls and peak memory (RSS above a baseline on
 method alone in a forked process; CUDA allocator peak on a GPU); the AID hypergradients
 must agree (relative difference printed; in float64 at a small width they agree to 1e-6).
 
-Part 2, **less work** (``--outer-steps`` outer steps of Adam on λ, each after
-``--inner-steps`` inner Adam steps): at each step, the number of CG iterations each
-strategy needs to get within ``--target`` (relative) of the converged damped AID
-hypergradient (CG to 1e-8, computed off the clock), and its time:
+Part 2, **less work** (``--outer-steps`` outer steps of Adam on λ, with
+``--inner-per-outer`` inner Adam steps between them; 0 freezes the inner so that only λ
+moves): at each step, the number of CG iterations each strategy needs to get within
+``--target`` (relative) of the converged damped AID hypergradient (CG to 1e-8, computed off
+the clock), and its time.  Also printed: how much that converged solution ``v`` changes from
+one outer step to the next — the most any warm start or recycled curvature could reuse.
 
 * ``CG``: plain, cold start (TorchOpt's and our default);
 * ``CG warm``: ``init=`` the previous outer step's ``v``;
@@ -72,7 +74,8 @@ class Config:
     n_train: int = 1024
     n_val: int = 1024
     batch: int = 128  # inner Adam mini-batch
-    inner_steps: int = 100  # Adam steps before the first hypergradient (then per outer step: inner_steps // 4)
+    inner_steps: int = 100  # Adam steps before the first hypergradient
+    inner_per_outer: int = 25  # Adam steps between outer steps (0: the inner frozen, only λ moves)
     inner_lr: float = 1e-3
     lam0: float = -4.0  # initial log-penalty of every group
     damping: float = 1.0  # iMAML-sized: H + δI must be positive definite at an inner solution this rough
@@ -87,8 +90,8 @@ class Config:
     seed: int = 0
 
 
-QUICK = {"widths": (64, 64, 32, 10), "n_train": 256, "n_val": 256, "inner_steps": 40, "repeats": 2,
-         "outer_steps": 3}
+QUICK = {"widths": (64, 64, 32, 10), "n_train": 256, "n_val": 256, "inner_steps": 40, "inner_per_outer": 10,
+         "repeats": 2, "outer_steps": 3}
 
 
 # --------------------------------------------------------------------------- the problem
@@ -363,11 +366,16 @@ def less_work(cfg: Config) -> dict[str, Any]:
     lam = [t.clone().requires_grad_() for t in lam]
     outer_opt = torch.optim.Adam(lam, lr=cfg.outer_lr)
     rows: list[dict[str, Any]] = []
+    v_change: list[float] = []  # ‖v*_t − v*_{t−1}‖/‖v*_t‖: what a warm start or recycled curvature can save
     prev_v: dict[str, Any] = {s: None for s in STRATEGIES}
+    prev_ref_v: Params | None = None
     hutch: Params | None = None
     for step in range(cfg.outer_steps):
         lam_d = [t.detach() for t in lam]
         ref, ref_info = bilevel_aid(prob, w, lam_d, cfg, K=cfg.max_cg * 5, tol=1e-8)
+        if prev_ref_v is not None:
+            v_change.append(rel(prev_ref_v, ref_info.v))
+        prev_ref_v = ref_info.v
         t0 = time.perf_counter()
         if step % 5 == 0 or hutch is None:
             hutch = hutchinson_diag(prob, w, lam_d, cfg)
@@ -394,7 +402,7 @@ def less_work(cfg: Config) -> dict[str, Any]:
         for t, g in zip(lam, ref):
             t.grad = g.detach().clone()
         outer_opt.step()
-        w = inner.run(lam, max(1, cfg.inner_steps // 4))
+        w = inner.run(lam, cfg.inner_per_outer) if cfg.inner_per_outer else w
     totals = {}
     for s in STRATEGIES:
         mine = [r for r in rows if r["strategy"] == s]
@@ -404,7 +412,7 @@ def less_work(cfg: Config) -> dict[str, Any]:
     base = totals["CG"]["seconds"]
     for s in STRATEGIES:
         totals[s]["time_vs_CG"] = totals[s]["seconds"] / base
-    return {"per_step": rows, "totals": totals}
+    return {"per_step": rows, "totals": totals, "v_change": v_change}
 
 
 # --------------------------------------------------------------------------- main
@@ -432,14 +440,17 @@ def parse_args(argv: list[str] | None) -> tuple[Config, argparse.Namespace]:
     p.add_argument("--K", type=int, default=Config.K)
     p.add_argument("--damping", type=float, default=Config.damping)
     p.add_argument("--outer-steps", type=int, default=None)
+    p.add_argument("--inner-per-outer", type=int, default=None,
+                   help=f"inner Adam steps between outer steps (default {Config.inner_per_outer}; 0: inner frozen)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--skip", default="", help="comma-separated parts to skip: same,less")
     p.add_argument("--out", default="benchmarks/results/deep.json")
     args = p.parse_args(argv)
     kw: dict[str, Any] = dict(QUICK) if args.quick else {}
     kw.update(device=args.device, dtype=args.dtype, K=args.K, damping=args.damping)
-    if args.outer_steps is not None:
-        kw["outer_steps"] = args.outer_steps
+    for key in ("outer_steps", "inner_per_outer"):
+        if getattr(args, key) is not None:
+            kw[key] = getattr(args, key)
     return Config(**kw), args
 
 
@@ -477,8 +488,11 @@ def main(argv: list[str] | None = None) -> int:
         payload["agreement_float64"] = agree
     if "less" not in skip:
         res = less_work(cfg)
-        print(f"\nLess work: {cfg.outer_steps} outer steps, CG iterations and time to within {cfg.target:g} "
-              "of the converged damped hypergradient")
+        print(f"\nLess work: {cfg.outer_steps} outer steps ({cfg.inner_per_outer} inner Adam steps between them), "
+              f"CG iterations and time to within {cfg.target:g} of the converged damped hypergradient")
+        if res["v_change"]:
+            print("relative change of the solution v between outer steps: "
+                  + ", ".join(f"{c:.2g}" for c in res["v_change"]))
         print(format_table(["strategy", "CG iterations", "seconds", "time vs CG", "worst rel err"],
                            [[s, t["cg_iterations"], t["seconds"], f"{t['time_vs_CG']:.2f}x", t["worst_rel_err"]]
                             for s, t in res["totals"].items()]))
