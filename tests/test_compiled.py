@@ -129,6 +129,18 @@ def test_refuses_torch_func_transforms():
         torch.func.grad(lambda lam: fn(inst.w_star, lam)[0].sum())(inst.hparams)
 
 
+def test_a_loss_that_is_not_a_scalar_gets_our_message_not_a_compile_error():
+    inst = ridge(0, 10.0)
+    vector = bilevel.compiled_hypergrad(lambda w, lam: w * 2.0, inner_loss=inst.inner_loss, maxiter=3,
+                                        backend=BACKEND)
+    with pytest.raises(ValueError, match="outer_loss should return a scalar tensor"):
+        vector(inst.w_star, inst.hparams)
+    pair = bilevel.compiled_hypergrad(inst.outer_loss, inner_loss=lambda w, lam: (w.sum(), lam.sum()), maxiter=3,
+                                      backend=BACKEND)
+    with pytest.raises(ValueError, match="inner_loss should return a scalar tensor"):
+        pair(inst.w_star, inst.hparams)
+
+
 @pytest.mark.parametrize("bad", [0, -1, 2.5, True])
 def test_options_are_checked(bad):
     inst = ridge(0, 10.0)

@@ -173,6 +173,13 @@ def compiled_hypergrad(
         check_input_finite(lam, "hparams")
         key = (wspec, lspec)
         if key not in graphs:
+            # the losses once, eagerly: a wrong output (not a scalar, say) raises our message here,
+            # not a torch.compile error that buries it
+            with torch.no_grad():
+                f0 = outer_loss(T.tree_unflatten(w, wspec), T.tree_unflatten(lam, lspec))
+                g0 = inner_loss(T.tree_unflatten(w, wspec), T.tree_unflatten(lam, lspec))
+            scalar(f0, "outer_loss")
+            scalar(g0, "inner_loss")
             graphs[key] = torch.compile(_aid_cg(outer_loss, inner_loss, wspec, lspec, K, damping), fullgraph=True,
                                         backend=_inductor if backend == "inductor" else backend)
         with torch.no_grad():
