@@ -102,6 +102,14 @@ def test_within_needs_exactly_one_form_before_any_inner_step():
     assert not calls
 
 
+@pytest.mark.parametrize("wrong", [lambda w: w[:-1], lambda w: w.float(), lambda w: {"w": w}])
+def test_within_refuses_an_inner_step_that_changes_the_shape_of_params(wrong):
+    inst = ridge(0, 10.0)
+    with pytest.raises(ValueError, match="inner iterations: one step should return .* structure and shapes of params"):
+        bilevel.hypergrad_within(inst.outer_loss, inst.w0, inst.hparams, tol=1e-3, inner_loss=inst.inner_loss,
+                                 inner_step=lambda w, lam: wrong(inst.step(w, lam)))
+
+
 def test_within_warm_start_across_outer_steps():
     """A second call at nearby hparams, warm-started with the returned params and info.v,
     needs far fewer inner steps than the first."""

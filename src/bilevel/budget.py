@@ -38,6 +38,7 @@ from bilevel._checks import (
     check_not_diverging,
     check_one_form,
     check_positive,
+    check_shaped_like,
     warn_error_above,
     worst,
 )
@@ -60,11 +61,13 @@ def iterate(step: Callable[[Any, Any], Any], w: Any, hparams: Any, n: int, what:
     ``‖w_{t+1} − w_t‖`` (on the device), judged once at the end (:func:`check_not_diverging`:
     ``what`` names the iteration, ``fix`` says what to change)."""
     norms: Leaves = []
-    flat = T.tree_flatten(w)[0]
+    flat, spec = T.tree_flatten(w)
     with torch.no_grad():
-        for _ in range(n):
+        for t in range(n):
             w = step(w, hparams)
-            new = T.tree_flatten(w)[0]
+            new, nspec = T.tree_flatten(w)
+            if t == 0:  # a step's structure cannot change from one call to the next: checked once
+                check_shaped_like(new, nspec, flat, spec, f"{what}: one step")
             norms.append(T.norm(T.sub(new, flat)))
             flat = new
     check_not_diverging(norms, flat, what, fix)
