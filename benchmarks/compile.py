@@ -148,9 +148,72 @@ def measure(n: int, d: int, K: int, repeats: int, device: str) -> dict[str, tupl
     return {name: timed(lambda fn=fn: fn(w, lam), repeats, device) for name, fn in methods.items()}
 
 
+def deq_problem(n: int, d: int, device: str, seed: int = 0) -> dict[str, Any]:
+    """A DEQ layer on a batch: hidden states w (n×d), Φ(w, λ) = tanh(w Wᵀ + X Uᵀ + b) with
+    ‖W‖₂ = 0.7 (a contraction), λ = (U, b); f = ½‖w Cᵀ − Y‖²/n."""
+    gen = torch.Generator().manual_seed(seed)
+    kw = {"dtype": torch.float64, "generator": gen}
+    W = torch.randn(d, d, **kw)
+    W = 0.7 * W / torch.linalg.matrix_norm(W, ord=2)
+    X, C, Y = torch.randn(n, d, **kw), torch.randn(10, d, **kw) / d**0.5, torch.randn(n, 10, **kw)
+    lam = (torch.randn(d, d, **kw) / d**0.5, 0.1 * torch.randn(d, **kw))
+    W, X, C, Y = (t.to(device) for t in (W, X, C, Y))
+    lam = tuple(t.to(device) for t in lam)
+
+    def fixed_point(w: torch.Tensor, lam: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return torch.tanh(w @ W.T + X @ lam[0].T + lam[1])
+
+    def outer_loss(w: torch.Tensor, lam: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return 0.5 * ((w @ C.T - Y) ** 2).sum() / n
+
+    w = torch.zeros(n, d, dtype=torch.float64, device=device)
+    for _ in range(120):
+        w = fixed_point(w, lam)
+    return {"W": W, "X": X, "C": C, "Y": Y, "lam": lam, "w": w, "fixed_point": fixed_point,
+            "outer_loss": outer_loss}
+
+
+def deq_analytic_step(p: dict[str, Any], K: int):
+    """The floor for the fixed-point form: D = 1 − w² (tanh' at the fixed point), K iterations
+    v ← (D ⊙ v) W + ∇_w f, then (∂_λΦ)ᵀ v = ((D ⊙ v)ᵀ X, Σ D ⊙ v)."""
+    W, X, C, Y = p["W"], p["X"], p["C"], p["Y"]
+
+    def step(w: torch.Tensor, lam: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        D = 1 - w * w
+        b = (w @ C.T - Y) @ C / w.shape[0]
+        v = b
+        for _ in range(K - 1):
+            v = (D * v) @ W + b
+        u = D * v
+        return u.T @ X, u.sum(0)
+
+    return step
+
+
+def measure_deq(n: int, d: int, K: int, repeats: int, device: str) -> dict[str, tuple[float, float, torch.Tensor]]:
+    """The fixed-point form: eager hypergrad (FixedPoint), compiled_hypergrad, the floor."""
+    p = deq_problem(n, d, device)
+    w, lam = p["w"], p["lam"]
+    solver = bilevel.FixedPoint(maxiter=K, tol=0.0)
+    compiled = bilevel.compiled_hypergrad(p["outer_loss"], fixed_point=p["fixed_point"], maxiter=K, tol=1.0)
+
+    def flat(g: Any) -> torch.Tensor:
+        return torch.cat([t.reshape(-1) for t in g])
+
+    methods = {
+        "bilevel eager": lambda: flat(bilevel.hypergrad(p["outer_loss"], w, lam, fixed_point=p["fixed_point"],
+                                                        solver=solver)),
+        "bilevel compiled_hypergrad": lambda: flat(compiled(w, lam)[0]),
+        "analytic": lambda: flat(deq_analytic_step(p, K)(w, lam)),
+    }
+    return {name: timed(fn, repeats, device) for name, fn in methods.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="2000x200", help="n x d, comma-separated (default 2000x200)")
+    parser.add_argument("--deq", default="256x64,2048x256",
+                        help="n x d of the DEQ layer (fixed-point form), comma-separated; '' for none")
     parser.add_argument("--K", type=int, default=30)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1)
@@ -163,18 +226,21 @@ def main(argv: list[str] | None = None) -> int:
     threads = configure_threads(args.threads)
     warnings.simplefilter("ignore", bilevel.ConvergenceWarning)  # tol = 0: exactly K iterations, by design
     rows, records = [], []
-    for size in args.sizes.split(","):
+    runs = [("logistic", size, measure) for size in args.sizes.split(",") if size]
+    runs += [("DEQ", size, measure_deq) for size in args.deq.split(",") if size]
+    for problem_name, size, run in runs:
         n, d = (int(x) for x in size.lower().split("x"))
-        res = measure(n, d, args.K, args.repeats, args.device)
+        res = run(n, d, args.K, args.repeats, args.device)
         ref_out = res["bilevel eager"][2]
         base, floor = res["bilevel eager"][1], res["analytic"][1]
         for name, (first, ms, out) in res.items():
             diff = float((out - ref_out).norm() / ref_out.norm())
-            rows.append([f"{n}x{d}", name, f"{first:.2f}", f"{ms:.2f}", f"{ms / base:.2f}", f"{ms / floor:.2f}",
-                         f"{diff:.1e}"])
-            records.append({"size": [n, d], "method": name, "first_call_s": first, "median_ms": ms,
-                            "vs_bilevel_eager": ms / base, "vs_analytic": ms / floor, "rel_diff": diff})
-    print(format_table(["n x d", "method", "first call s", "ms/step", "vs bilevel", "vs analytic", "rel. diff"],
+            rows.append([f"{problem_name} {n}x{d}", name, f"{first:.2f}", f"{ms:.2f}", f"{ms / base:.2f}",
+                         f"{ms / floor:.2f}", f"{diff:.1e}"])
+            records.append({"problem": problem_name, "size": [n, d], "method": name, "first_call_s": first,
+                            "median_ms": ms, "vs_bilevel_eager": ms / base, "vs_analytic": ms / floor,
+                            "rel_diff": diff})
+    print(format_table(["problem", "method", "first call s", "ms/step", "vs bilevel", "vs analytic", "rel. diff"],
                        rows))
     path = write_json(args.out, {"benchmark": "compile", "machine": machine_info(threads), "K": args.K,
                                  "device": args.device, "records": records})

@@ -367,6 +367,23 @@ def unreached(outputs: Callable[[Leaves], Sequence[Any]], lam: Sequence[torch.Te
         return []
 
 
+def unused_hparams(outer_loss: Callable[[Any, Any], Any], inner_loss: Callable[[Any, Any], Any] | None,
+                   fixed_point: Callable[[Any, Any], Any] | None, w: Sequence[torch.Tensor],
+                   lam: Sequence[torch.Tensor], wspec: Any, lspec: Any) -> list[int]:
+    """Indices of the ``hparams`` leaves with no autograd path to ``outer_loss`` or to the
+    inner optimality map (``∇_w g``, or ``Φ``) at ``w``: the AID forms' :func:`unreached`."""
+
+    def reached(ll: Leaves) -> list[Any]:
+        wl = [t.detach().requires_grad_() for t in w]
+        p, h = T.tree_unflatten(wl, wspec), T.tree_unflatten(ll, lspec)
+        outs = [outer_loss(p, h)]
+        if inner_loss is not None:
+            return outs + list(torch.autograd.grad(inner_loss(p, h), wl, create_graph=True, allow_unused=True))
+        return outs + T.tree_flatten(fixed_point(p, h))[0]  # type: ignore[misc]
+
+    return unreached(reached, lam)
+
+
 _INTERNAL = (os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.path.abspath(torch.__file__)))
 
 

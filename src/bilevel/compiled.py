@@ -4,16 +4,22 @@
 curvature and breakdown checks) and looks behind torch.func wrappers, so ``torch.compile``
 runs it eagerly (a graph break at its entry).  Where the per-operation cost of eager
 autograd and Python dominates — small problems, many calls, a GPU's launch overhead —
-:func:`compiled_hypergrad` builds the optimality-form AID step with exactly ``K`` CG
-iterations, no data-dependent control flow, from torch.func transforms:
+:func:`compiled_hypergrad` builds the AID step with exactly ``K`` iterations and no
+data-dependent control flow from torch.func transforms, in the optimality form
 
     b = ∇_w f,   (H + δI) v = b  by K CG iterations from v = 0,   ∇F ≈ ∇_λ f − (∂²_{λw} g)ᵀ v,
 
-with ``H v`` and ``(∂²_{λw} g)ᵀ v`` two pullbacks of one ``vjp`` of ``∇_w g``, and compiles it
-as one graph (``fullgraph=True``: a break would raise).  The trust policy runs after the
-graph on what it returns — the true residual ``‖b − (H + δI)v‖/‖b‖``, whether any CG step met
-``⟨p, (H + δI)p⟩ ≤ 0``, ``‖∇_w g‖`` and ``‖H w‖``, finiteness — with one host read per call:
-the same errors and warnings as :func:`bilevel.hypergrad` with ``CG(maxiter=K, tol=0)``,
+with ``H v`` and ``(∂²_{λw} g)ᵀ v`` two pullbacks of one ``vjp`` of ``∇_w g``, or in the
+fixed-point form ``w = Φ(w, λ)``
+
+    v ← (∂_wΦ)ᵀ v − δv + b  K times from v = 0,   ∇F ≈ ∇_λ f + (∂_λΦ)ᵀ v,
+
+with both products pullbacks of one ``vjp`` of ``Φ``; and compiles it as one graph
+(``fullgraph=True``: a break would raise).  The trust policy runs after the graph on what it
+returns — the true residual ``‖b − A v‖/‖b‖`` (every iteration's, in the fixed-point form),
+whether any CG step met ``⟨p, (H + δI)p⟩ ≤ 0``, the inner residual and its scale,
+finiteness — with one host read per call: the same errors and warnings as
+:func:`bilevel.hypergrad` with ``CG(maxiter=K, tol=0)`` or ``FixedPoint(maxiter=K, tol=0)``,
 except that an unconverged solve is judged against ``tol`` afterwards instead of stopping
 early.
 """
@@ -21,6 +27,7 @@ early.
 from __future__ import annotations
 
 import math
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -35,13 +42,17 @@ from bilevel._checks import (
     check_finite,
     check_inner_solution,
     check_input_finite,
+    check_one_form,
     check_reached,
+    check_residual_trend,
+    check_shaped_like,
     check_tol,
     inner_scale,
     leaves_pair,
     no_transform,
+    not_contraction,
     scalar,
-    unreached,
+    unused_hparams,
     warn_unconverged,
 )
 from bilevel.ift import HypergradInfo
@@ -96,9 +107,75 @@ def _aid_cg(outer_loss: Callable[[Any, Any], torch.Tensor], inner_loss: Callable
         hg = [a - b for a, b in zip(gl, pull(x)[1])]
         inner = _dot(grad_w, grad_w).sqrt()
         scale = _dot(*(2 * [pull(w)[0]])).sqrt()  # ‖H w‖: what the inner residual is measured against
-        return hg, x, residual, bad, inner, scale, fval
+        return hg, x, residual, bad, scale, inner, fval
 
     return step
+
+
+def _aid_fp(outer_loss: Callable[[Any, Any], torch.Tensor], fixed_point: Callable[[Any, Any], Any],
+            wspec: Any, lspec: Any, K: int, damping: float) -> Callable[[Leaves, Leaves], tuple[Any, ...]]:
+    """The AID-FP step on leaves: K Richardson iterations ``v ← v + (b − A v)`` from ``v = 0``
+    on ``A = (1 + δ)I − (∂_wΦ)ᵀ`` (``v ← (∂_wΦ)ᵀ v − δv + b``), each residual ``b − A v``
+    computed, not recurred; returns every residual norm for the contraction checks after the graph."""
+
+    def f(wl: Leaves, ll: Leaves) -> torch.Tensor:
+        return scalar(outer_loss(T.tree_unflatten(wl, wspec), T.tree_unflatten(ll, lspec)), "outer_loss")
+
+    def phi(wl: Leaves, ll: Leaves) -> Leaves:
+        return T.tree_flatten(fixed_point(T.tree_unflatten(wl, wspec), T.tree_unflatten(ll, lspec)))[0]
+
+    def step(w: Leaves, lam: Leaves) -> tuple[Any, ...]:
+        fval = f(w, lam)
+        gw, gl = grad(f, argnums=(0, 1))(w, lam)
+        phi_w, pull = vjp(phi, w, lam)
+
+        def residual(v: Leaves) -> Leaves:  # b − A v = b + (∂_wΦ)ᵀ v − (1 + δ) v
+            return [bi + ji - (1.0 + damping) * vi for bi, ji, vi in zip(gw, pull(v)[0], v)]
+
+        x, r = [torch.zeros_like(t) for t in gw], list(gw)
+        norms = [_dot(r, r).sqrt()]
+        for _ in range(K):
+            x = [xi + ri for xi, ri in zip(x, r)]
+            r = residual(x)
+            norms.append(_dot(r, r).sqrt())
+        hg = [a + b for a, b in zip(gl, pull(x)[1])]
+        inner = _dot(*(2 * [[p - wi for p, wi in zip(phi_w, w)]])).sqrt()
+        return hg, x, torch.stack(norms), inner, fval
+
+    return step
+
+
+def _judge_cg(residual: torch.Tensor, bad: torch.Tensor, scale: torch.Tensor) -> float:
+    """After a compiled CG solve: raise on non-positive curvature; the relative residual."""
+    if bool(bad):
+        raise SolverError("compiled_hypergrad: CG met non-positive curvature <p, (H + δI) p> <= 0: the inner "
+                          "Hessian at params is not positive definite (are params a minimiser?). Pass damping=δ "
+                          "> 0, or use bilevel.hypergrad with MINRES().")
+    return float(residual)
+
+
+def _judge_fp(norms: torch.Tensor, v: Leaves, tol: float, damping: float) -> float:
+    """After compiled fixed-point iterations: the trust policy's contraction checks on the residual
+    norms ``‖b − A v_k‖``, k = 0…K (a blow-up, or growth / stagnation through the run), as for the
+    eager Richardson solve; the relative residual."""
+    check_finite([norms], "the residuals of the compiled fixed-point iterations")
+    name = "compiled_hypergrad: the fixed-point iterations on ((1 + δ)I − ∂_wΦ)ᵀ v = ∇_w f"
+    eps, bnorm = torch.finfo(norms.dtype).eps, norms[0]
+    if bool(norms.max() > 0.01 / eps * bnorm):  # every digit cancelled: nothing can be trusted
+        not_contraction(name, float(bnorm), float(norms.max()), norms.numel() - 1, 1.0)
+    # a residual at rounding level has converged, not stalled: ‖A‖ ≤ 2 + δ for a contraction ∂_wΦ
+    floor = 64 * eps * ((2 + damping) * _dot(v, v).sqrt() + bnorm)
+    check_residual_trend(name, list(norms.unbind()), torch.maximum(tol * bnorm, floor), 1.0)
+    return float(norms[-1] / bnorm) if bool(bnorm > 0) else 0.0
+
+
+def _own_code(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` with a code object of its own.  torch.compile keeps one cache per code object, and
+    every step built here shares ``step``'s code: each new closure (another compiled_hypergrad,
+    another pytree structure) would be a recompile of that one cache, whose limit (8) then
+    fails the ninth under ``fullgraph=True``.  A copy gives each step its own cache."""
+    return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__,
+                              fn.__closure__)
 
 
 def _mv_as_mm(A: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -124,25 +201,32 @@ def _inductor(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
 def compiled_hypergrad(
     outer_loss: Callable[[Any, Any], torch.Tensor],
     *,
-    inner_loss: Callable[[Any, Any], torch.Tensor],
+    inner_loss: Callable[[Any, Any], torch.Tensor] | None = None,
+    fixed_point: Callable[[Any, Any], Any] | None = None,
     maxiter: int,
     tol: float = 1e-6,
     damping: float = 0.0,
     inner_tol: float | None = None,
     backend: str | Callable[..., Any] = "inductor",
 ) -> Callable[[Any, Any], tuple[Any, HypergradInfo]]:
-    """``hypergrad_fn(params, hparams) -> (hypergrad, HypergradInfo)``: the AID-CG hypergradient
-    of :func:`bilevel.hypergrad` (``inner_loss`` form, ``CG(maxiter=K, tol=0)``, ``damping=δ``)
-    with the whole solve compiled as one graph.
+    """``hypergrad_fn(params, hparams) -> (hypergrad, HypergradInfo)``: the AID hypergradient of
+    :func:`bilevel.hypergrad` with the whole solve compiled as one graph, in either form:
 
-    ``maxiter``: K, the CG iterations every call runs (no early stop: no host read inside the
-    graph).  ``tol``: afterwards, a relative residual ``‖b − (H + δI)v‖/‖b‖`` above it warns
+    * ``inner_loss=g``: ``(H + δI) v = ∇_w f`` by K CG iterations (``CG(maxiter=K, tol=0)``);
+    * ``fixed_point=Φ``: ``((1 + δ)I − ∂_wΦ)ᵀ v = ∇_w f`` by K fixed-point iterations
+      ``v ← (∂_wΦ)ᵀ v − δv + ∇_w f`` from ``v = 0`` (``FixedPoint(maxiter=K, tol=0)``, AID-FP:
+      a DEQ's backward), ``∇F ≈ ∇_λ f + (∂_λΦ)ᵀ v``.
+
+    ``maxiter``: K, the iterations every call runs (no early stop: no host read inside the
+    graph).  ``tol``: afterwards, a relative residual ``‖b − A v‖/‖b‖`` above it warns
     (:class:`~bilevel.ConvergenceWarning`); ``inner_tol`` as for :func:`bilevel.hypergrad`.  A
     non-positive curvature met by CG raises :class:`~bilevel.SolverError` (damp the system,
-    or use :func:`bilevel.hypergrad` with ``MINRES``); NaN/Inf and hyperparameters that reach
-    nothing raise as there.  ``backend``: ``"inductor"`` (the default) generates code and needs
-    a C++ compiler on CPU, where it also keeps the matrix–vector products on BLAS and calls the
-    kernels from C++ (compiles slower, runs at 1.04–1.08× a hand-coded step); any other value
+    or use :func:`bilevel.hypergrad` with ``MINRES``); fixed-point residuals that grow or stall
+    raise :class:`~bilevel.NotContractionError` (``∂_wΦ`` is not a contraction: use
+    :func:`bilevel.hypergrad` with ``GMRES``); NaN/Inf and hyperparameters that reach nothing
+    raise as there.  ``backend``: ``"inductor"`` (the default) generates code and needs a C++
+    compiler on CPU, where it also keeps the matrix–vector products on BLAS and calls the
+    kernels from C++ (compiles slower, runs at 1.03–1.05× a hand-coded step); any other value
     goes to ``torch.compile`` as given (``"aot_eager"`` only traces).
 
     Compile once, call many times: the first call for given shapes and dtypes compiles (seconds
@@ -152,13 +236,18 @@ def compiled_hypergrad(
     measured in ``benchmarks/compile.py``.  Reverse mode through the result is not supported:
     it is detached.
     """
-    if not callable(outer_loss) or not callable(inner_loss):
-        raise TypeError("compiled_hypergrad: outer_loss and inner_loss should be functions (params, hparams).")
+    check_one_form(inner_loss, fixed_point)
+    form = "inner_loss" if inner_loss is not None else "fixed_point"
+    inner_fn: Callable[[Any, Any], Any] = inner_loss if inner_loss is not None else fixed_point  # type: ignore[assignment]
+    if not callable(outer_loss) or not callable(inner_fn):
+        raise TypeError(f"compiled_hypergrad: outer_loss and {form} should be functions (params, hparams).")
     K = check_count("compiled_hypergrad: maxiter", maxiter, 1)
     tol = check_tol("compiled_hypergrad: tol", tol)
     damping = check_tol("compiled_hypergrad: damping", damping)  # a finite float >= 0, as a tolerance
     if inner_tol is not None and inner_tol != math.inf:
         check_tol("compiled_hypergrad: inner_tol", inner_tol)
+    solver = "CG (compiled)" if inner_loss is not None else "FixedPoint (compiled)"
+    build = _aid_cg if inner_loss is not None else _aid_fp
     graphs: dict[tuple[Any, Any], Callable[..., Any]] = {}  # one compiled step per (params, hparams) structure
 
     def hypergrad_fn(params: Any, hparams: Any) -> tuple[Any, HypergradInfo]:
@@ -173,50 +262,42 @@ def compiled_hypergrad(
         check_input_finite(lam, "hparams")
         key = (wspec, lspec)
         if key not in graphs:
-            # the losses once, eagerly: a wrong output (not a scalar, say) raises our message here,
-            # not a torch.compile error that buries it
+            # the functions once, eagerly: a wrong output (not a scalar, say) raises our message
+            # here, not a torch.compile error that buries it
             with torch.no_grad():
                 f0 = outer_loss(T.tree_unflatten(w, wspec), T.tree_unflatten(lam, lspec))
-                g0 = inner_loss(T.tree_unflatten(w, wspec), T.tree_unflatten(lam, lspec))
+                g0 = inner_fn(T.tree_unflatten(w, wspec), T.tree_unflatten(lam, lspec))
             scalar(f0, "outer_loss")
-            scalar(g0, "inner_loss")
-            graphs[key] = torch.compile(_aid_cg(outer_loss, inner_loss, wspec, lspec, K, damping), fullgraph=True,
+            if inner_loss is not None:
+                scalar(g0, "inner_loss")
+            else:
+                check_shaped_like(*T.tree_flatten(g0), w, wspec, "fixed_point")
+            graphs[key] = torch.compile(_own_code(build(outer_loss, inner_fn, wspec, lspec, K, damping)),
+                                        fullgraph=True,
                                         backend=_inductor if backend == "inductor" else backend)
         with torch.no_grad():
-            hg, v, residual, bad, inner, scale, fval = graphs[key](w, lam)
-        check_finite(v, f"the linear-system solution v (compiled CG, {K} iterations)")
+            hg, v, *checks, inner, fval = graphs[key](w, lam)
+        check_finite(v, f"the linear-system solution v ({solver}, {K} iterations)")
         check_finite(hg, "the hypergradient")
-        if bool(bad):
-            raise SolverError("compiled_hypergrad: CG met non-positive curvature <p, (H + δI) p> <= 0: the inner "
-                              "Hessian at params is not positive definite (are params a minimiser?). Pass damping=δ "
-                              "> 0, or use bilevel.hypergrad with MINRES().")
-        res = float(residual)
+        res = _judge_cg(*checks) if inner_loss is not None else _judge_fp(*checks, v, tol, damping)
         converged = res <= tol
         if not converged:
-            warn_unconverged("compiled_hypergrad", "CG (compiled)", K, res, tol,
-                             "Raise maxiter (CG iterations per call).")
+            warn_unconverged("compiled_hypergrad", solver, K, res, tol, "Raise maxiter (iterations per call).")
 
-        def scale_of() -> torch.Tensor:  # ‖H w‖ from the graph; where w = 0 the policy's ‖H u‖, eagerly (rare)
+        def scale_of() -> torch.Tensor:  # ‖H w‖ (CG: from the graph) or ‖w‖; where that is 0, the policy's
+            if inner_loss is None:
+                return inner_scale(w, None)
+            scale = checks[2]
             if bool(scale > 0):
                 return scale
             _, pull = vjp(grad(lambda wl, ll: scalar(inner_loss(T.tree_unflatten(wl, wspec),
                                                                  T.tree_unflatten(ll, lspec)), "inner_loss")), w, lam)
-            return inner_scale(w, lambda v: list(pull(v)[0]))
+            return inner_scale(w, lambda u: list(pull(u)[0]))
 
-        check_inner_solution("compiled_hypergrad", "inner_loss", inner, scale_of, inner_tol)
-
-        def find_unused() -> list[int]:
-            def reached(ll: Leaves) -> list[Any]:
-                wl = [t.detach().requires_grad_() for t in w]
-                gval = scalar(inner_loss(T.tree_unflatten(wl, wspec), T.tree_unflatten(ll, lspec)), "inner_loss")
-                fv = outer_loss(T.tree_unflatten(wl, wspec), T.tree_unflatten(ll, lspec))
-                return [fv, *torch.autograd.grad(gval, wl, create_graph=True, allow_unused=True)]
-
-            return unreached(reached, lam)
-
-        check_reached(hg, lspec, find_unused)
-        info = HypergradInfo("CG (compiled)", K, res, converged, float(inner), float(fval),
-                             T.tree_unflatten(list(v), wspec), damping=damping)
+        check_inner_solution("compiled_hypergrad", form, inner, scale_of, inner_tol)
+        check_reached(hg, lspec, lambda: unused_hparams(outer_loss, inner_loss, fixed_point, w, lam, wspec, lspec))
+        info = HypergradInfo(solver, K, res, converged, float(inner), float(fval), T.tree_unflatten(list(v), wspec),
+                             damping=damping)
         return T.tree_unflatten(list(hg), lspec), info
 
     return hypergrad_fn

@@ -46,7 +46,7 @@ from bilevel._checks import (
     leaves_pair,
     no_transform,
     scalar,
-    unreached,
+    unused_hparams,
     warn_error_above,
     worst,
 )
@@ -495,7 +495,7 @@ def _hypergrad(outer_loss, w, lam, wspec, lspec, inner_loss, fixed_point, solver
         v, sinfo, cross_v, err = _meet_tol(solve_once, estimator, solver, x0, tol)
     hg = T.add(gl, cross_v)
     check_finite(hg, "the hypergradient")
-    check_reached(hg, lspec, lambda: _unused_hparams(f, inner_loss, fixed_point, w, lam, wspec, lspec))
+    check_reached(hg, lspec, lambda: unused_hparams(outer_loss, inner_loss, fixed_point, w, lam, wspec, lspec))
     return hg, v, sinfo, op, fval, err, q
 
 
@@ -597,15 +597,3 @@ def _t(x: Any) -> torch.Tensor:
     return x if isinstance(x, torch.Tensor) else torch.tensor(x)
 
 
-def _unused_hparams(f, inner_loss, fixed_point, w, lam, wspec, lspec) -> list[int]:
-    """Indices of hparams leaves with no autograd path to f or to the inner optimality map."""
-
-    def reached(ll: Leaves) -> list[Any]:
-        wl = [t.detach().requires_grad_() for t in w]
-        outs = [f(wl, ll)]
-        if inner_loss is not None:
-            gval = _tree_fn(inner_loss, wspec, lspec)(wl, ll)
-            return outs + list(torch.autograd.grad(gval, wl, create_graph=True, allow_unused=True))
-        return outs + T.tree_flatten(_tree_fn(fixed_point, wspec, lspec)(wl, ll))[0]
-
-    return unreached(reached, lam)
