@@ -14,6 +14,8 @@ import io
 import math
 import os
 import re
+import sys
+import types
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,8 +49,12 @@ def run(example: Example, workdir: Path) -> str:
     try:
         with contextlib.redirect_stdout(out):
             code = compile("\n" * (example.line) + example.code, str(example.path), "exec")
-            exec(code, {"__name__": "__example__"})
+            # a real module, as a script's __main__ is: torch.compile looks its globals up by module name
+            module = types.ModuleType("__example__")
+            sys.modules["__example__"] = module
+            exec(code, module.__dict__)
     finally:
+        sys.modules.pop("__example__", None)
         os.chdir(cwd)
     return out.getvalue()
 
