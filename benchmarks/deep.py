@@ -1,4 +1,4 @@
-"""Hypergradients of a deep network: an MLP of ~10⁶ parameters on MNIST-shaped inputs.
+"""Hypergradients of a deep network: an MLP of ~10⁶ parameters (or a small CNN) on MNIST-shaped inputs.
 
 Problem (synthetic tensors of MNIST's shape; labels from a random teacher network)::
 
@@ -15,7 +15,7 @@ Part 1, **same work** (one hypergradient at a fixed ``(w, λ)``, K CG iterations
 * ``bilevel AID-CG``: :func:`bilevel.hypergrad` with ``CG(maxiter=K, tol=0)`` and ``damping=δ``;
 * ``hand loop``: ``torch.autograd.grad`` Hessian–vector products through one retained
   graph of ∇_w g and a K-iteration CG loop written out (the floor for this work);
-* ``TorchOpt``: ``torchopt.diff.implicit.custom_root`` with ``solve_cg(maxiter=K, ridge=δ)``
+* ``TorchOpt``: ``torchopt.diff.implicit.custom_root`` with ``solve_cg(maxiter=K, ridge=δ, rtol=0)``
   (skipped when torchopt is not installed);
 * ``bilevel ITD-trunc``: :func:`bilevel.unroll` through K more gradient steps from ``w``,
   back-propagated (truncated ITD; a different approximation, shown for its cost).
@@ -41,12 +41,14 @@ one outer step to the next — the most any warm start or recycled curvature cou
 
     python benchmarks/deep.py                 # MLP 784-1024-256-10 (1.07M params), float32
     python benchmarks/deep.py --quick         # a small MLP: seconds
+    python benchmarks/deep.py --model cnn --damping 5   # a small CNN (20,490 params) on 1×28×28 inputs
     python benchmarks/deep.py --device cuda --dtype bfloat16
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import sys
 import time
@@ -70,6 +72,7 @@ Params = list[torch.Tensor]
 
 @dataclass(frozen=True)
 class Config:
+    model: str = "mlp"  # "mlp" (widths) or "cnn" (two stride-2 3×3 convolutions, 16 and 32 channels, on 28×28)
     widths: tuple[int, ...] = (784, 1024, 256, 10)
     n_train: int = 1024
     n_val: int = 1024
@@ -106,6 +109,10 @@ class Problem:
     cfg: Config
 
     def forward(self, w: Params, X: torch.Tensor) -> torch.Tensor:
+        if self.cfg.model == "cnn":
+            a = F.relu(F.conv2d(X.view(-1, 1, 28, 28), w[0], w[1], stride=2, padding=1))  # 16×14×14
+            a = F.relu(F.conv2d(a, w[2], w[3], stride=2, padding=1))  # 32×7×7
+            return a.flatten(1) @ w[4] + w[5]
         a = X
         for i in range(0, len(w) - 2, 2):
             a = torch.relu(a @ w[i] + w[i + 1])
@@ -120,10 +127,16 @@ class Problem:
         return F.cross_entropy(self.forward(w, self.Xv), self.yv)
 
 
+def param_shapes(cfg: Config) -> list[tuple[int, ...]]:
+    if cfg.model == "cnn":
+        return [(16, 1, 3, 3), (16,), (32, 16, 3, 3), (32,), (32 * 7 * 7, 10), (10,)]
+    return [shape for a, b in zip(cfg.widths[:-1], cfg.widths[1:]) for shape in ((a, b), (b,))]
+
+
 def make_problem(cfg: Config) -> tuple[Problem, Params, Params]:
     g = torch.Generator().manual_seed(cfg.seed)
     dt, dev = getattr(torch, cfg.dtype), torch.device(cfg.device)
-    d, c = cfg.widths[0], cfg.widths[-1]
+    d, c = (784, 10) if cfg.model == "cnn" else (cfg.widths[0], cfg.widths[-1])
     X = torch.rand(cfg.n_train + cfg.n_val, d, generator=g)  # pixel-like values in [0, 1]
     teacher = [torch.randn(d, 64, generator=g) / d**0.5, torch.randn(64, c, generator=g) / 8.0]
     logits = torch.tanh((X - 0.5) @ teacher[0]) @ teacher[1]
@@ -131,8 +144,10 @@ def make_problem(cfg: Config) -> tuple[Problem, Params, Params]:
     prob = Problem(X[: cfg.n_train].to(dev, dt), y[: cfg.n_train].to(dev), X[cfg.n_train :].to(dev, dt),
                    y[cfg.n_train :].to(dev), cfg)
     w: Params = []
-    for a, b in zip(cfg.widths[:-1], cfg.widths[1:]):
-        w += [(torch.randn(a, b, generator=g) * (2.0 / a) ** 0.5).to(dev, dt), torch.zeros(b, device=dev, dtype=dt)]
+    for shape in param_shapes(cfg):  # He initialisation (fan-in: a conv kernel's c·k·k, a matrix's rows), zero biases
+        fan_in = math.prod(shape[1:]) if len(shape) == 4 else shape[0]
+        w.append((torch.randn(shape, generator=g) * (2.0 / fan_in) ** 0.5).to(dev, dt) if len(shape) > 1
+                 else torch.zeros(shape, device=dev, dtype=dt))
     lam = [torch.full((), cfg.lam0, device=dev, dtype=dt) for _ in w]
     return prob, w, lam
 
@@ -210,13 +225,18 @@ def hand_loop(prob: Problem, w: Params, lam: Params, cfg: Config) -> Params:
 
 def torchopt_aid(prob: Problem, w: Params, lam: Params, cfg: Config) -> Params:
     import torchopt
+
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torchopt")  # its functorch.vjp calls
     from torchopt.diff.implicit import custom_root
 
     def optimality(w_star: tuple[torch.Tensor, ...], lam_: tuple[torch.Tensor, ...]):
         # TorchOpt differentiates this with functorch transforms: torch.func.grad, not autograd.grad
         return torch.func.grad(lambda ws: prob.inner_loss(list(ws), list(lam_)))(w_star)
 
-    @custom_root(optimality, argnums=1, solve=torchopt.linear_solve.solve_cg(maxiter=cfg.K, ridge=cfg.damping))
+    # rtol=0: exactly K iterations, as the others (its default rtol=1e-5 stops early on a well-damped system)
+    solve = torchopt.linear_solve.solve_cg(maxiter=cfg.K, ridge=cfg.damping, rtol=0.0)
+
+    @custom_root(optimality, argnums=1, solve=solve)
     def solver(w0: tuple[torch.Tensor, ...], lam_: tuple[torch.Tensor, ...]):
         return w0  # the inner solution, computed before
 
@@ -436,6 +456,7 @@ def parse_args(argv: list[str] | None) -> tuple[Config, argparse.Namespace]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="a small MLP: seconds")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--model", default="mlp", choices=("mlp", "cnn"))
     p.add_argument("--dtype", default="float32", choices=("float32", "float64", "bfloat16"))
     p.add_argument("--K", type=int, default=Config.K)
     p.add_argument("--damping", type=float, default=Config.damping)
@@ -447,7 +468,7 @@ def parse_args(argv: list[str] | None) -> tuple[Config, argparse.Namespace]:
     p.add_argument("--out", default="benchmarks/results/deep.json")
     args = p.parse_args(argv)
     kw: dict[str, Any] = dict(QUICK) if args.quick else {}
-    kw.update(device=args.device, dtype=args.dtype, K=args.K, damping=args.damping)
+    kw.update(device=args.device, dtype=args.dtype, K=args.K, damping=args.damping, model=args.model)
     for key in ("outer_steps", "inner_per_outer"):
         if getattr(args, key) is not None:
             kw[key] = getattr(args, key)
@@ -457,8 +478,11 @@ def parse_args(argv: list[str] | None) -> tuple[Config, argparse.Namespace]:
 def main(argv: list[str] | None = None) -> int:
     cfg, args = parse_args(argv)
     threads = configure_threads(args.threads)
-    n_params = sum(a * b + b for a, b in zip(cfg.widths[:-1], cfg.widths[1:]))
-    print(f"MLP {'-'.join(map(str, cfg.widths))} ({n_params:,} parameters), {cfg.dtype} on {cfg.device}, "
+    # counted, not built: no torch work in this process before the measurements fork (OpenMP after fork hangs)
+    n_params = sum(math.prod(shape) for shape in param_shapes(cfg))
+    name = "CNN 1x28x28 -(3x3/2)-> 16 -(3x3/2)-> 32 -> 10" if cfg.model == "cnn" else \
+        f"MLP {'-'.join(map(str, cfg.widths))}"
+    print(f"{name} ({n_params:,} parameters), {cfg.dtype} on {cfg.device}, "
           f"damping {cfg.damping}, {threads['threads']} thread(s)")
     payload: dict[str, Any] = {"benchmark": "deep", "config": asdict(cfg), "machine": machine_info(threads),
                                "n_params": n_params}

@@ -9,14 +9,18 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH))
 import deep  # noqa: E402
 
 
-def test_aid_methods_agree_in_float64(one_thread):
+@pytest.mark.parametrize("model", ["mlp", "cnn"])
+def test_aid_methods_agree_in_float64(model, one_thread):
     """Same K, same damping, float64: the same numbers (the issue asks 1e-6; they are closer)."""
-    agree = deep.agreement_float64(deep.Config(**{**asdict(deep.Config()), **deep.QUICK}))
+    agree = deep.agreement_float64(deep.Config(**{**asdict(deep.Config()), **deep.QUICK, "model": model,
+                                                  "damping": 5.0}))
     assert agree["hand loop"] <= 1e-10
     assert agree.get("TorchOpt", 0.0) <= 1e-10
 
