@@ -161,6 +161,29 @@ def test_fixed_point_form_matches_hypergrad_and_the_exact_answer():
         assert info.damping == damping and (info.v - rinfo.v).norm() <= 1e-12 * rinfo.v.norm()
 
 
+@pytest.mark.parametrize("form", ["inner_loss", "fixed_point"])
+def test_warm_start_from_the_previous_v(form):
+    """init=v starts the compiled solve at v: the same iterates as eager hypergrad(init=v) with
+    the same K, and from the previous outer step's v a short solve is as good as a long cold one."""
+    inst = logistic(3, 100.0) if form == "inner_loss" else linear_contraction(3, 20.0)
+    solver = bilevel.CG if form == "inner_loss" else bilevel.FixedPoint
+    lam2 = inst.hparams * 1.01  # the next outer step: nearby hparams, same params (a rough inner)
+    cold = bilevel.compiled_hypergrad(inst.outer_loss, **inst.form, maxiter=60, tol=1.0, backend=BACKEND)
+    _, info = cold(inst.w_star, inst.hparams)
+    warm = bilevel.compiled_hypergrad(inst.outer_loss, **inst.form, maxiter=3, tol=1.0, inner_tol=math.inf,
+                                      backend=BACKEND)
+    hg, winfo = warm(inst.w_star, lam2, init=info.v)
+    ref, rinfo = bilevel.hypergrad(inst.outer_loss, inst.w_star, lam2, **inst.form, init=info.v,
+                                   solver=solver(maxiter=3, tol=0.0), inner_tol=math.inf, return_info=True)
+    assert (hg - ref).norm() <= 1e-10 * ref.norm() and abs(winfo.residual - rinfo.residual) <= 1e-10
+    _, cold3 = warm(inst.w_star, lam2)  # the same 3 iterations from v = 0: far worse
+    assert winfo.residual < 0.1 * cold3.residual
+    with pytest.raises(ValueError, match="init should be a pytree with the structure and shapes of params"):
+        warm(inst.w_star, lam2, init=info.v[:-1])
+    with pytest.raises(ValueError, match="init contains NaN"):
+        warm(inst.w_star, lam2, init=info.v * math.nan)
+
+
 def test_fixed_point_form_refuses_what_the_eager_solver_refuses():
     inst = linear_contraction(2, 5.0)
     A = torch.eye(10, dtype=torch.float64) * 1.2  # spectral radius 1.2: no contraction

@@ -67,7 +67,7 @@ def _dot(x: Leaves, y: Leaves) -> torch.Tensor:
 
 
 def _aid_cg(outer_loss: Callable[[Any, Any], torch.Tensor], inner_loss: Callable[[Any, Any], torch.Tensor],
-            wspec: Any, lspec: Any, K: int, damping: float) -> Callable[[Leaves, Leaves], tuple[Any, ...]]:
+            wspec: Any, lspec: Any, K: int, damping: float) -> Callable[[Leaves, Leaves, Leaves], tuple[Any, ...]]:
     """The AID-CG step on leaves, as a pure function of tensors with a fixed K (traceable)."""
 
     def f(wl: Leaves, ll: Leaves) -> torch.Tensor:
@@ -76,7 +76,7 @@ def _aid_cg(outer_loss: Callable[[Any, Any], torch.Tensor], inner_loss: Callable
     def g(wl: Leaves, ll: Leaves) -> torch.Tensor:
         return scalar(inner_loss(T.tree_unflatten(wl, wspec), T.tree_unflatten(ll, lspec)), "inner_loss")
 
-    def step(w: Leaves, lam: Leaves) -> tuple[Any, ...]:
+    def step(w: Leaves, lam: Leaves, x0: Leaves) -> tuple[Any, ...]:  # x0 = [] for a cold start
         fval = f(w, lam)
         gw, gl = grad(f, argnums=(0, 1))(w, lam)
         grad_w, pull = vjp(grad(g), w, lam)
@@ -84,8 +84,12 @@ def _aid_cg(outer_loss: Callable[[Any, Any], torch.Tensor], inner_loss: Callable
         def A(v: Leaves) -> Leaves:
             return [hv + damping * vi for hv, vi in zip(pull(v)[0], v)]
 
-        x = [torch.zeros_like(t) for t in gw]
-        r, p = list(gw), list(gw)
+        if x0:  # warm start: one product more, for the starting residual
+            x = list(x0)
+            r = [bi - ai for bi, ai in zip(gw, A(x))]
+        else:
+            x, r = [torch.zeros_like(t) for t in gw], list(gw)
+        p = list(r)
         rr = _dot(r, r)
         bad = torch.zeros((), dtype=torch.bool, device=rr.device)
         for _ in range(K):
@@ -113,7 +117,7 @@ def _aid_cg(outer_loss: Callable[[Any, Any], torch.Tensor], inner_loss: Callable
 
 
 def _aid_fp(outer_loss: Callable[[Any, Any], torch.Tensor], fixed_point: Callable[[Any, Any], Any],
-            wspec: Any, lspec: Any, K: int, damping: float) -> Callable[[Leaves, Leaves], tuple[Any, ...]]:
+            wspec: Any, lspec: Any, K: int, damping: float) -> Callable[[Leaves, Leaves, Leaves], tuple[Any, ...]]:
     """The AID-FP step on leaves: K Richardson iterations ``v ← v + (b − A v)`` from ``v = 0``
     on ``A = (1 + δ)I − (∂_wΦ)ᵀ`` (``v ← (∂_wΦ)ᵀ v − δv + b``), each residual ``b − A v``
     computed, not recurred; returns every residual norm for the contraction checks after the graph."""
@@ -124,7 +128,7 @@ def _aid_fp(outer_loss: Callable[[Any, Any], torch.Tensor], fixed_point: Callabl
     def phi(wl: Leaves, ll: Leaves) -> Leaves:
         return T.tree_flatten(fixed_point(T.tree_unflatten(wl, wspec), T.tree_unflatten(ll, lspec)))[0]
 
-    def step(w: Leaves, lam: Leaves) -> tuple[Any, ...]:
+    def step(w: Leaves, lam: Leaves, x0: Leaves) -> tuple[Any, ...]:  # x0 = [] for a cold start
         fval = f(w, lam)
         gw, gl = grad(f, argnums=(0, 1))(w, lam)
         phi_w, pull = vjp(phi, w, lam)
@@ -132,7 +136,7 @@ def _aid_fp(outer_loss: Callable[[Any, Any], torch.Tensor], fixed_point: Callabl
         def residual(v: Leaves) -> Leaves:  # b − A v = b + (∂_wΦ)ᵀ v − (1 + δ) v
             return [bi + ji - (1.0 + damping) * vi for bi, ji, vi in zip(gw, pull(v)[0], v)]
 
-        x, r = [torch.zeros_like(t) for t in gw], list(gw)
+        x, r = (list(x0), residual(list(x0))) if x0 else ([torch.zeros_like(t) for t in gw], list(gw))
         norms = [_dot(r, r).sqrt()]
         for _ in range(K):
             x = [xi + ri for xi, ri in zip(x, r)]
@@ -140,7 +144,7 @@ def _aid_fp(outer_loss: Callable[[Any, Any], torch.Tensor], fixed_point: Callabl
             norms.append(_dot(r, r).sqrt())
         hg = [a + b for a, b in zip(gl, pull(x)[1])]
         inner = _dot(*(2 * [[p - wi for p, wi in zip(phi_w, w)]])).sqrt()
-        return hg, x, torch.stack(norms), inner, fval
+        return hg, x, torch.stack(norms), _dot(gw, gw).sqrt(), inner, fval
 
     return step
 
@@ -154,15 +158,15 @@ def _judge_cg(residual: torch.Tensor, bad: torch.Tensor, scale: torch.Tensor) ->
     return float(residual)
 
 
-def _judge_fp(norms: torch.Tensor, v: Leaves, tol: float, damping: float) -> float:
+def _judge_fp(norms: torch.Tensor, bnorm: torch.Tensor, v: Leaves, tol: float, damping: float) -> float:
     """After compiled fixed-point iterations: the trust policy's contraction checks on the residual
     norms ``‖b − A v_k‖``, k = 0…K (a blow-up, or growth / stagnation through the run), as for the
     eager Richardson solve; the relative residual."""
     check_finite([norms], "the residuals of the compiled fixed-point iterations")
     name = "compiled_hypergrad: the fixed-point iterations on ((1 + δ)I − ∂_wΦ)ᵀ v = ∇_w f"
-    eps, bnorm = torch.finfo(norms.dtype).eps, norms[0]
-    if bool(norms.max() > 0.01 / eps * bnorm):  # every digit cancelled: nothing can be trusted
-        not_contraction(name, float(bnorm), float(norms.max()), norms.numel() - 1, 1.0)
+    eps, start = torch.finfo(norms.dtype).eps, torch.maximum(norms[0], bnorm)
+    if bool(norms.max() > 0.01 / eps * start):  # every digit cancelled: nothing can be trusted
+        not_contraction(name, float(norms[0]), float(norms.max()), norms.numel() - 1, 1.0)
     # a residual at rounding level has converged, not stalled: ‖A‖ ≤ 2 + δ for a contraction ∂_wΦ
     floor = 64 * eps * ((2 + damping) * _dot(v, v).sqrt() + bnorm)
     check_residual_trend(name, list(norms.unbind()), torch.maximum(tol * bnorm, floor), 1.0)
@@ -217,7 +221,9 @@ def compiled_hypergrad(
       ``v ← (∂_wΦ)ᵀ v − δv + ∇_w f`` from ``v = 0`` (``FixedPoint(maxiter=K, tol=0)``, AID-FP:
       a DEQ's backward), ``∇F ≈ ∇_λ f + (∂_λΦ)ᵀ v``.
 
-    ``maxiter``: K, the iterations every call runs (no early stop: no host read inside the
+    ``hypergrad_fn(params, hparams, init=v)`` starts the solve at ``v`` (e.g. ``info.v`` of the
+    previous outer step: a warm start, one product more; a second graph, compiled on its first
+    use).  ``maxiter``: K, the iterations every call runs (no early stop: no host read inside the
     graph).  ``tol``: afterwards, a relative residual ``‖b − A v‖/‖b‖`` above it warns
     (:class:`~bilevel.ConvergenceWarning`); ``inner_tol`` as for :func:`bilevel.hypergrad`.  A
     non-positive curvature met by CG raises :class:`~bilevel.SolverError` (damp the system,
@@ -248,9 +254,9 @@ def compiled_hypergrad(
         check_tol("compiled_hypergrad: inner_tol", inner_tol)
     solver = "CG (compiled)" if inner_loss is not None else "FixedPoint (compiled)"
     build = _aid_cg if inner_loss is not None else _aid_fp
-    graphs: dict[tuple[Any, Any], Callable[..., Any]] = {}  # one compiled step per (params, hparams) structure
+    graphs: dict[tuple[Any, Any, bool], Callable[..., Any]] = {}  # one compiled step per structure and start
 
-    def hypergrad_fn(params: Any, hparams: Any) -> tuple[Any, HypergradInfo]:
+    def hypergrad_fn(params: Any, hparams: Any, init: Any = None) -> tuple[Any, HypergradInfo]:
         if not no_transform():  # torch.compile cannot be entered from inside vmap/grad/jvp
             raise NotImplementedError(
                 f"compiled_hypergrad: called under torch.func {'/'.join(sorted(active_transforms()))}, which a "
@@ -260,7 +266,13 @@ def compiled_hypergrad(
         w, lam = [t.detach() for t in w], [t.detach() for t in lam]
         check_input_finite(w, "params")
         check_input_finite(lam, "hparams")
-        key = (wspec, lspec)
+        x0: Leaves = []
+        if init is not None:
+            x0, ispec = T.tree_flatten(init)
+            check_shaped_like(x0, ispec, w, wspec, "compiled_hypergrad: init", verb="should be")
+            x0 = [t.detach() for t in x0]
+            check_input_finite(x0, "init")
+        key = (wspec, lspec, bool(x0))  # a cold and a warm start are two graphs
         if key not in graphs:
             # the functions once, eagerly: a wrong output (not a scalar, say) raises our message
             # here, not a torch.compile error that buries it
@@ -276,7 +288,7 @@ def compiled_hypergrad(
                                         fullgraph=True,
                                         backend=_inductor if backend == "inductor" else backend)
         with torch.no_grad():
-            hg, v, *checks, inner, fval = graphs[key](w, lam)
+            hg, v, *checks, inner, fval = graphs[key](w, lam, x0)
         check_finite(v, f"the linear-system solution v ({solver}, {K} iterations)")
         check_finite(hg, "the hypergradient")
         res = _judge_cg(*checks) if inner_loss is not None else _judge_fp(*checks, v, tol, damping)
