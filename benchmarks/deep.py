@@ -477,6 +477,9 @@ def parse_args(argv: list[str] | None) -> tuple[Config, argparse.Namespace]:
 
 def main(argv: list[str] | None = None) -> int:
     cfg, args = parse_args(argv)
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        print(f"deep.py: --device {cfg.device}, but torch sees no CUDA device here; nothing measured.")
+        return 0
     threads = configure_threads(args.threads)
     # counted, not built: no torch work in this process before the measurements fork (OpenMP after fork hangs)
     n_params = sum(math.prod(shape) for shape in param_shapes(cfg))
