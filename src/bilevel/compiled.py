@@ -66,12 +66,19 @@ def _dot(x: Leaves, y: Leaves) -> torch.Tensor:
     return sum((a * b).sum() for a, b in zip(x, y))  # type: ignore[return-value]
 
 
-def _aid_cg(outer_loss: Callable[[Any, Any], torch.Tensor], inner_loss: Callable[[Any, Any], torch.Tensor],
-            wspec: Any, lspec: Any, K: int, damping: float) -> Callable[[Leaves, Leaves, Leaves], tuple[Any, ...]]:
-    """The AID-CG step on leaves, as a pure function of tensors with a fixed K (traceable)."""
-
+def _outer(outer_loss: Callable[[Any, Any], torch.Tensor], wspec: Any, lspec: Any) -> Callable[..., torch.Tensor]:
     def f(wl: Leaves, ll: Leaves) -> torch.Tensor:
         return scalar(outer_loss(T.tree_unflatten(wl, wspec), T.tree_unflatten(ll, lspec)), "outer_loss")
+
+    return f
+
+
+def _aid_cg(outer_loss: Callable[[Any, Any], torch.Tensor], inner_loss: Callable[[Any, Any], torch.Tensor],
+            wspec: Any, lspec: Any, K: int, damping: float) -> Callable[[Leaves, Leaves, Leaves], tuple[Any, ...]]:
+    """The AID-CG step on leaves, as a pure function of tensors with a fixed K (traceable), from
+    ``v = 0`` or from ``x0``."""
+
+    f = _outer(outer_loss, wspec, lspec)
 
     def g(wl: Leaves, ll: Leaves) -> torch.Tensor:
         return scalar(inner_loss(T.tree_unflatten(wl, wspec), T.tree_unflatten(ll, lspec)), "inner_loss")
@@ -119,11 +126,10 @@ def _aid_cg(outer_loss: Callable[[Any, Any], torch.Tensor], inner_loss: Callable
 def _aid_fp(outer_loss: Callable[[Any, Any], torch.Tensor], fixed_point: Callable[[Any, Any], Any],
             wspec: Any, lspec: Any, K: int, damping: float) -> Callable[[Leaves, Leaves, Leaves], tuple[Any, ...]]:
     """The AID-FP step on leaves: K Richardson iterations ``v ← v + (b − A v)`` from ``v = 0``
-    on ``A = (1 + δ)I − (∂_wΦ)ᵀ`` (``v ← (∂_wΦ)ᵀ v − δv + b``), each residual ``b − A v``
+    (or ``x0``) on ``A = (1 + δ)I − (∂_wΦ)ᵀ`` (``v ← (∂_wΦ)ᵀ v − δv + b``), each residual ``b − A v``
     computed, not recurred; returns every residual norm for the contraction checks after the graph."""
 
-    def f(wl: Leaves, ll: Leaves) -> torch.Tensor:
-        return scalar(outer_loss(T.tree_unflatten(wl, wspec), T.tree_unflatten(ll, lspec)), "outer_loss")
+    f = _outer(outer_loss, wspec, lspec)
 
     def phi(wl: Leaves, ll: Leaves) -> Leaves:
         return T.tree_flatten(fixed_point(T.tree_unflatten(wl, wspec), T.tree_unflatten(ll, lspec)))[0]
