@@ -168,7 +168,8 @@ def test_warm_start_from_the_previous_v(form):
     inst = logistic(3, 100.0) if form == "inner_loss" else linear_contraction(3, 20.0)
     solver = bilevel.CG if form == "inner_loss" else bilevel.FixedPoint
     lam2 = inst.hparams * 1.01  # the next outer step: nearby hparams, same params (a rough inner)
-    cold = bilevel.compiled_hypergrad(inst.outer_loss, **inst.form, maxiter=60, tol=1.0, backend=BACKEND)
+    cold = bilevel.compiled_hypergrad(inst.outer_loss, **inst.form, maxiter=10 if form == "inner_loss" else 60,
+                                      tol=1.0, backend=BACKEND)  # CG on d = 8: exact in 8 iterations
     _, info = cold(inst.w_star, inst.hparams)
     warm = bilevel.compiled_hypergrad(inst.outer_loss, **inst.form, maxiter=3, tol=1.0, inner_tol=math.inf,
                                       backend=BACKEND)
@@ -191,14 +192,14 @@ def test_fixed_point_form_refuses_what_the_eager_solver_refuses():
     def expanding(w, lam):
         return A @ w + inst.fixed_point(torch.zeros_like(w), lam)
 
-    fn = bilevel.compiled_hypergrad(inst.outer_loss, fixed_point=expanding, maxiter=40, backend=BACKEND)
+    fn = bilevel.compiled_hypergrad(inst.outer_loss, fixed_point=expanding, maxiter=30, backend=BACKEND)
     with pytest.raises(bilevel.NotContractionError, match="not a contraction"):
         fn(inst.w_star, inst.hparams)
     with pytest.warns(bilevel.ConvergenceWarning, match="FixedPoint .compiled."):
         bilevel.compiled_hypergrad(inst.outer_loss, fixed_point=inst.fixed_point, maxiter=3,
                                    backend=BACKEND)(inst.w_star, inst.hparams)
     with pytest.warns(bilevel.ConvergenceWarning, match="params look far from the inner solution"):
-        bilevel.compiled_hypergrad(inst.outer_loss, fixed_point=inst.fixed_point, maxiter=200,
+        bilevel.compiled_hypergrad(inst.outer_loss, fixed_point=inst.fixed_point, maxiter=20, tol=1.0,
                                    backend=BACKEND)(inst.w_star + 1.0, inst.hparams)
     with pytest.raises(ValueError, match="fixed_point should return a pytree with the structure and shapes"):
         bilevel.compiled_hypergrad(inst.outer_loss, fixed_point=lambda w, lam: w[:-1], maxiter=3,
@@ -208,8 +209,8 @@ def test_fixed_point_form_refuses_what_the_eager_solver_refuses():
                                    maxiter=3)
     lonely = {"lam": inst.hparams, "unused": torch.ones(2, dtype=torch.float64)}
     fn = bilevel.compiled_hypergrad(lambda w, h: inst.outer_loss(w, h["lam"]),
-                                    fixed_point=lambda w, h: inst.fixed_point(w, h["lam"]), maxiter=200,
-                                    backend=BACKEND)
+                                    fixed_point=lambda w, h: inst.fixed_point(w, h["lam"]), maxiter=5,
+                                    tol=1.0, backend=BACKEND)
     with pytest.raises(ValueError, match="unused"):
         fn(inst.w_star, lonely)
 
@@ -224,9 +225,9 @@ def test_many_instances_each_compile_on_their_own():
             return s * inst.inner_loss(w, lam)
 
         # the limit is dynamo's, before any backend: "eager" (dynamo alone) shows it fastest
-        fn = bilevel.compiled_hypergrad(inst.outer_loss, inner_loss=inner, maxiter=10, backend="eager")
+        fn = bilevel.compiled_hypergrad(inst.outer_loss, inner_loss=inner, maxiter=2, tol=1.0, backend="eager")
         ref = bilevel.hypergrad(inst.outer_loss, inst.w_star, inst.hparams, inner_loss=inner,
-                                solver=bilevel.CG(maxiter=10, tol=0.0), inner_tol=math.inf)
+                                solver=bilevel.CG(maxiter=2, tol=0.0), inner_tol=math.inf)
         hg, _ = fn(inst.w_star, inst.hparams)
         assert (hg - ref).norm() <= 1e-10 * ref.norm()
 
@@ -242,19 +243,11 @@ def test_options_are_checked(bad):
 
 @pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
                     reason="inductor needs a C++ compiler on CPU")
-def test_inductor_generates_a_graph_without_breaks(one_thread):
-    inst = ridge(5, 10.0)
-    fn = bilevel.compiled_hypergrad(inst.outer_loss, inner_loss=inst.inner_loss, maxiter=10)
-    hg, info = fn(inst.w_star, inst.hparams)
-    assert (hg - inst.exact).norm() <= 1e-8 * inst.exact.norm() and info.converged
-
-
-@pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
-                    reason="inductor needs a C++ compiler on CPU")
 def test_inductor_matrix_vector_products_pytrees_and_data_in_place(one_thread):
-    """The default CPU backend (matrix–vector products on BLAS, C++ wrapper): logistic regression
-    with a weight vector and a bias (mv in both directions, a two-leaf pytree), data updated in
-    place between calls, against eager hypergrad run to convergence."""
+    """The default CPU backend (inductor, matrix–vector products on BLAS, C++ wrapper) generates
+    the whole graph without a break: logistic regression with a weight vector and a bias (mv in
+    both directions, a two-leaf pytree), data updated in place between calls, against eager
+    hypergrad run to convergence."""
     gen = torch.Generator().manual_seed(3)
     X = torch.randn(60, 7, dtype=torch.float64, generator=gen)
     y = torch.randn(60, dtype=torch.float64, generator=gen).sign()
