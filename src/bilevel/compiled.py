@@ -112,12 +112,14 @@ def _aid_cg(outer_loss: Callable[[Any, Any], torch.Tensor], inner_loss: Callable
             beta = rr_new / torch.where(rr > 0, rr, torch.ones_like(rr))
             p = [ri + beta * pi for ri, pi in zip(r, p)]
             rr = rr_new
-        true_r = [bi - ai for bi, ai in zip(gw, A(x))]  # recomputed, not recurred: the trust policy's residual
+        hx, cross = pull(x)  # one pullback for both: H x (the true residual) and the λ-part
+        true_r = [bi - hi - damping * xi for bi, hi, xi in zip(gw, hx, x)]  # recomputed, not recurred
         bnorm = _dot(gw, gw).sqrt()
         residual = _dot(true_r, true_r).sqrt() / torch.where(bnorm > 0, bnorm, torch.ones_like(bnorm))
-        hg = [a - b for a, b in zip(gl, pull(x)[1])]
+        hg = [a - b for a, b in zip(gl, cross)]
         inner = _dot(grad_w, grad_w).sqrt()
-        scale = _dot(*(2 * [pull(w)[0]])).sqrt()  # ‖H w‖: what the inner residual is measured against
+        hw = pull(w)[0]
+        scale = _dot(hw, hw).sqrt()  # ‖H w‖: what the inner residual is measured against
         return hg, x, residual, bad, scale, inner, fval
 
     return step
@@ -139,23 +141,26 @@ def _aid_fp(outer_loss: Callable[[Any, Any], torch.Tensor], fixed_point: Callabl
         gw, gl = grad(f, argnums=(0, 1))(w, lam)
         phi_w, pull = vjp(phi, w, lam)
 
-        def residual(v: Leaves) -> Leaves:  # b − A v = b + (∂_wΦ)ᵀ v − (1 + δ) v
-            return [bi + ji - (1.0 + damping) * vi for bi, ji, vi in zip(gw, pull(v)[0], v)]
+        def residual(v: Leaves) -> tuple[Leaves, Leaves]:  # b − A v = b + (∂_wΦ)ᵀ v − (1 + δ) v, and (∂_λΦ)ᵀ v
+            jv, cross = pull(v)
+            return [bi + ji - (1.0 + damping) * vi for bi, ji, vi in zip(gw, jv, v)], cross
 
-        x, r = (list(x0), residual(list(x0))) if x0 else ([torch.zeros_like(t) for t in gw], list(gw))
+        x = list(x0) if x0 else [torch.zeros_like(t) for t in gw]
+        r, cross = (residual(x)[0] if x0 else list(gw)), []
         norms = [_dot(r, r).sqrt()]
-        for _ in range(K):
+        for _ in range(K):  # K ≥ 1; the last pullback's λ-part is the hypergradient's: no extra product
             x = [xi + ri for xi, ri in zip(x, r)]
-            r = residual(x)
+            r, cross = residual(x)
             norms.append(_dot(r, r).sqrt())
-        hg = [a + b for a, b in zip(gl, pull(x)[1])]
-        inner = _dot(*(2 * [[p - wi for p, wi in zip(phi_w, w)]])).sqrt()
+        hg = [a + b for a, b in zip(gl, cross)]
+        shift = [p - wi for p, wi in zip(phi_w, w)]
+        inner = _dot(shift, shift).sqrt()
         return hg, x, torch.stack(norms), _dot(gw, gw).sqrt(), inner, fval
 
     return step
 
 
-def _judge_cg(residual: torch.Tensor, bad: torch.Tensor, scale: torch.Tensor) -> float:
+def _judge_cg(residual: torch.Tensor, bad: torch.Tensor) -> float:
     """After a compiled CG solve: raise on non-positive curvature; the relative residual."""
     if bool(bad):
         raise SolverError("compiled_hypergrad: CG met non-positive curvature <p, (H + δI) p> <= 0: the inner "
@@ -297,7 +302,7 @@ def compiled_hypergrad(
             hg, v, *checks, inner, fval = graphs[key](w, lam, x0)
         check_finite(v, f"the linear-system solution v ({solver}, {K} iterations)")
         check_finite(hg, "the hypergradient")
-        res = _judge_cg(*checks) if inner_loss is not None else _judge_fp(*checks, v, tol, damping)
+        res = _judge_cg(*checks[:2]) if inner_loss is not None else _judge_fp(*checks, v, tol, damping)
         converged = res <= tol
         if not converged:
             warn_unconverged("compiled_hypergrad", solver, K, res, tol, "Raise maxiter (iterations per call).")
