@@ -422,7 +422,7 @@ def less_work(cfg: Config) -> dict[str, Any]:
         for t, g in zip(lam, ref):
             t.grad = g.detach().clone()
         outer_opt.step()
-        w = inner.run(lam, cfg.inner_per_outer) if cfg.inner_per_outer else w
+        w = inner.run(lam, cfg.inner_per_outer)  # 0 steps: the same w
     totals = {}
     for s in STRATEGIES:
         mine = [r for r in rows if r["strategy"] == s]
